@@ -1,0 +1,135 @@
+"""The seam between the FUSE layer and a store (KVP pools, XenStore, the vbd view).
+
+A backend owns one top-level directory of the mount (``kvp``, ``xenstore``, ...).
+It sees paths as tuples of filenames below that directory and never sees inodes,
+file handles, editor scratch files or the text convention: those belong to the
+FUSE layer.  Backends raise :class:`kvpfs.errors.FsError` with the errno the caller
+must get; anything else is a bug and becomes EIO.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from kvpfs.errors import FsError
+
+#: Filenames below the backend's directory, e.g. ("guest", "MyKey").
+Path = tuple[str, ...]
+
+
+class NodeKind(enum.Enum):
+    DIR = "dir"
+    FILE = "file"
+    SYMLINK = "symlink"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """What the FUSE layer needs to answer getattr for one name."""
+
+    kind: NodeKind
+    #: Length of the stored value in bytes (files), before the text convention.
+    size: int = 0
+    #: Whether this mount may change the node (drives the mode bits and EROFS).
+    writable: bool = False
+    #: Last change time when the store knows it, else 0 (the mount's start time is used).
+    mtime_ns: int = 0
+    #: Symlink target, relative to the symlink's directory.
+    target: str = ""
+    #: Files whose value can change behind the kernel's back are opened with direct_io.
+    volatile: bool = True
+
+
+class ChangeSink(Protocol):
+    """Where a backend reports changes made by someone else (another process, the host).
+
+    The FUSE layer turns them into kernel cache invalidations.  Reporting a change
+    that the mount made itself is harmless.
+    """
+
+    def value_changed(self, backend: Backend, path: Path) -> None: ...
+
+    def entries_changed(
+        self, backend: Backend, directory: Path, names: Sequence[str]
+    ) -> None: ...
+
+
+class Backend(ABC):
+    """A store shown as a directory tree.  All methods run on the trio thread."""
+
+    #: Name of the backend's top-level directory in the mount.
+    name: str
+
+    @abstractmethod
+    async def lookup(self, path: Path) -> Node:
+        """The node at ``path`` (``()`` is the backend's own directory); ENOENT if absent."""
+
+    @abstractmethod
+    async def listdir(self, path: Path) -> list[tuple[str, Node]]:
+        """The children of the directory at ``path``, in a stable order."""
+
+    @abstractmethod
+    async def read(self, path: Path) -> bytes:
+        """The whole stored value of the file at ``path``."""
+
+    async def write(self, path: Path, value: bytes) -> None:
+        """Create or replace the file at ``path`` with ``value``, atomically."""
+        raise FsError(errno.EROFS)
+
+    async def check_new_name(self, path: Path) -> None:
+        """Raise the errno that creating ``path`` would get (ENAMETOOLONG, EROFS, ...).
+
+        Called on create() so that a refused name fails at open(), before any data
+        is written; :meth:`write` must check again.
+        """
+        raise FsError(errno.EROFS)
+
+    async def remove(self, path: Path) -> None:
+        """Delete the file at ``path``."""
+        raise FsError(errno.EROFS)
+
+    async def rename(self, old: Path, new: Path, *, replace: bool) -> None:
+        """Move a file within the backend atomically.
+
+        ``replace=False`` is RENAME_NOREPLACE: EEXIST if ``new`` exists.  EXDEV when the
+        backend cannot move between the two directories.
+        """
+        raise FsError(errno.EXDEV)
+
+    async def mkdir(self, path: Path) -> None:
+        raise FsError(errno.EPERM)
+
+    async def rmdir(self, path: Path) -> None:
+        raise FsError(errno.EPERM)
+
+    #: Whether the backend has xattrs (XenStore permissions); see :meth:`getxattr`.
+    has_xattrs: bool = False
+
+    async def listxattr(self, path: Path) -> list[str]:
+        return []
+
+    async def getxattr(self, path: Path, name: str) -> bytes:
+        raise FsError(errno.ENODATA)
+
+    async def setxattr(self, path: Path, name: str, value: bytes) -> None:
+        raise FsError(errno.ENOTSUP)
+
+    async def run(
+        self, sink: ChangeSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Background work for as long as the mount lives (watches, polling).
+
+        Started in the mount's nursery with ``nursery.start``; it reports started
+        once the backend is ready to serve, and is cancelled at unmount.
+        """
+        task_status.started()
+
+    async def aclose(self) -> None:
+        """Release resources at unmount (after :meth:`run` was cancelled)."""
