@@ -319,11 +319,20 @@ def c_strtol(s: bytes, base: int = 0) -> tuple[int, int]:
     return max(_LONG_MIN, min(_LONG_MAX, value)), i
 
 
-def c_atoi(s: bytes) -> int:
-    """glibc ``atoi``: ``(int) strtol(s, NULL, 10)``, garbage after the digits ignored."""
-    value, _ = c_strtol(s, 10)
+def _int32(value: int) -> int:
     value &= _U32_MAX
     return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def c_atoi(s: bytes) -> int:
+    """glibc ``atoi``: ``(int) strtol(s, NULL, 10)``, garbage after the digits ignored.
+
+    cxenstored reads domain ids (GET_DOMAIN_PATH, IS_DOMAIN_INTRODUCED, RELEASE, ...)
+    and the DIRECTORY_PART offset this way: ``abc`` is 0, ``0x10`` is 0, and
+    ``GET_DOMAIN_PATH "-3"`` answers ``/local/domain/4294967293`` (printed with %u).
+    """
+    value, _ = c_strtol(s, 10)
+    return _int32(value)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -426,6 +435,7 @@ def parse_watch(payload: bytes) -> tuple[bytes, bytes]:
 
 
 def build_transaction_start() -> bytes:
+    """``\0`` as libxenstore sends it; cxenstored 4.17 ignores this payload entirely."""
     return b"\0"
 
 
@@ -637,8 +647,11 @@ _LOCAL_DOMAIN = b"/local/domain/"
 
 
 def domain_path(domid: int) -> bytes:
-    """``/local/domain/<domid>``: a domain's home, GET_DOMAIN_PATH's answer."""
-    return b"/local/domain/%d" % domid
+    """``/local/domain/<domid>``: a domain's home, GET_DOMAIN_PATH's answer.
+
+    cxenstored prints the id unsigned, so -3 (``atoi("-3")``) gives ``.../4294967293``.
+    """
+    return b"/local/domain/%d" % (domid & _U32_MAX)
 
 
 def _local_off(path: bytes) -> int:
@@ -762,7 +775,11 @@ _ACCESS_LETTER = {v: chr(k) for k, v in _LETTER_ACCESS.items()}
 
 @dataclass(frozen=True, slots=True)
 class Perm:
-    """One permission entry: access letter and domain id, e.g. ``r5``."""
+    """One permission entry: access letter and domain id, e.g. ``r5``.
+
+    The id is kept as cxenstored shows it: a signed 32-bit number (any 32-bit value
+    is accepted and folded into that range).
+    """
 
     access: Access
     domid: int
@@ -770,8 +787,10 @@ class Perm:
     def __post_init__(self) -> None:
         if self.access not in _ACCESS_LETTER:
             raise ProtocolError(f"{self.access!r} has no permission letter")
-        if not 0 <= self.domid <= _U32_MAX:
+        if not -(1 << 31) <= self.domid <= _U32_MAX:
             raise ProtocolError(f"domain id {self.domid} does not fit in 32 bits")
+        # cxenstored keeps the id in 32 bits and prints it with %i: 4294967295 is -1.
+        object.__setattr__(self, "domid", _int32(self.domid))
 
     @property
     def letter(self) -> str:
@@ -789,8 +808,9 @@ def parse_perm(text: str | bytes) -> Perm:
 
     A letter of ``rwbn`` then an id parsed with ``strtol(..., 0)`` that must consume the
     rest: ``n0x10`` is ``n16``, ``r010`` is ``r8``, ``r 5`` and ``r+5`` are ``r5``;
-    ``n``, ``n5x`` and ``q5`` are EINVAL.  The id is stored in an ``unsigned int``, so
-    ``r-1`` is ``r4294967295`` (and overflowing ids clamp, then truncate, likewise).
+    ``n``, ``n5x``, ``n08``, ``r5 `` and ``q5`` are EINVAL.  cxenstored keeps the low 32
+    bits and prints them signed, so ``r-1`` stays ``r-1`` and ``n99999999999`` becomes
+    ``n1215752191`` (checked against cxenstored 4.17).
     """
     s = _b(text)
     if not s or s[0] not in _LETTER_ACCESS or b"\0" in s:
@@ -799,7 +819,7 @@ def parse_perm(text: str | bytes) -> Perm:
     value, end = c_strtol(rest, 0)
     if not rest or end != len(rest):
         raise ProtocolError(f"invalid permission {s!r}")
-    return Perm(_LETTER_ACCESS[s[0]], value & _U32_MAX)
+    return Perm(_LETTER_ACCESS[s[0]], _int32(value))
 
 
 def parse_perms(items: Iterable[str | bytes]) -> list[Perm]:
