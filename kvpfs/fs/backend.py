@@ -133,3 +133,4 @@ class Backend(ABC):
 
     async def aclose(self) -> None:
         """Release resources at unmount (after :meth:`run` was cancelled)."""
+        return None

@@ -1,0 +1,784 @@
+"""The pyfuse3 Operations: one filesystem whose root holds one directory per backend.
+
+Write path (see README, "Editing semantics"): every open file buffers the whole
+file; the buffer is committed to the backend on flush (only if written since the
+last commit), on fsync, and on release (a create, O_TRUNC open or truncate with
+no write after it).  Errors surface from flush and fsync so close() and editors
+see them; release happens after close() returned and can only log.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from kvpfs.errors import FsError
+from kvpfs.fs import text
+from kvpfs.fs.backend import Backend, Node, NodeKind, Path
+from kvpfs.fs.inodes import Inode, InodeTable
+from kvpfs.fs.invalidate import Invalidator
+from kvpfs.fs.overlay import Overlay, ScratchFile
+from kvpfs.fs.scratch import is_scratch_name
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: The kernel refuses longer names (FUSE_NAME_MAX) before they reach us.
+FUSE_NAME_MAX = 1024
+#: Largest file content an open handle may buffer; stores have far smaller limits
+#: and report their own errno at commit, this only protects the mount's memory.
+MAX_BUFFER = 1 << 20
+MAX_SCRATCH_BUFFER = 64 << 20
+
+
+@dataclass(slots=True)
+class FsOptions:
+    raw: bool = False
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    #: Seconds the kernel may cache attributes and names of files; changes made by
+    #: others are pushed as invalidations, so this only bounds a missed push.
+    attr_timeout: float = 1.0
+    #: Upper bound for any single backend call; a store that hangs becomes EIO.
+    backend_timeout: float = 30.0
+
+
+@dataclass(slots=True, eq=False)
+class OpenFile:
+    fh: int
+    inode: Inode
+    buffer: bytearray
+    append: bool
+    writable: bool
+    scratch: ScratchFile | None = None
+    #: Data changed since the last commit (flush commits only then).
+    written: bool = False
+    #: Something must reach the store before release (create, O_TRUNC, truncate).
+    pending: bool = False
+    #: Created by this handle and not yet committed: the name exists only here.
+    created: bool = False
+    unlinked: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class OpenDir:
+    inode: Inode
+    entries: list[tuple[str, Inode, Node | None]] | None = None
+
+
+def fuse_op(
+    func: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Only FUSEError may leave a handler: anything else would tear the mount down."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await func(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            log.debug("%s: %s", func.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except trio.TooSlowError:
+            log.error("%s: the store did not answer in time", func.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as exc:
+            log.warning("%s: %s", func.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", func.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+class Operations(pyfuse3.Operations):
+    """Dispatches FUSE requests to backends; owns inodes, handles and the overlay."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, backends: Sequence[Backend], options: FsOptions | None = None) -> None:
+        super().__init__()
+        names = [b.name for b in backends]
+        if len(set(names)) != len(names):
+            raise ValueError(f"backend names must be unique: {names}")
+        self.backends = {b.name: b for b in backends}
+        self.options = options or FsOptions()
+        self.inodes = InodeTable()
+        self.overlay = Overlay()
+        self.invalidator = Invalidator(self.inodes)
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
+        self._next_fh = 1
+        self._started_ns = time.time_ns()
+        self._xattrs = any(b.has_xattrs for b in backends)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        return inode
+
+    async def _call(self, coro: Awaitable[R]) -> R:
+        with trio.fail_after(self.options.backend_timeout):
+            return await coro
+
+    def _pending_handle(self, inode: Inode) -> OpenFile | None:
+        pending = inode.extra.get("pending")
+        return pending if isinstance(pending, OpenFile) else None
+
+    async def _node(self, inode: Inode) -> Node:
+        """The current node behind ``inode``, honouring the overlay."""
+        if inode.backend is None or inode.path == ():
+            return Node(NodeKind.DIR, writable=False)
+        backend, path = inode.backend, inode.path
+        scratch = self.overlay.get(backend, path)
+        if scratch is not None:
+            return Node(NodeKind.FILE, len(scratch.data), True, scratch.mtime_ns, volatile=False)
+        pending = self._pending_handle(inode)
+        if pending is not None:
+            size = len(text.file_to_value(bytes(pending.buffer), self.options.raw))
+            return Node(NodeKind.FILE, size, True)
+        if self.overlay.is_hidden(backend, path):
+            raise FsError(errno.ENOENT)
+        return await self._call(backend.lookup(path))
+
+    def _attrs(self, inode: Inode, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode.ino
+        a.generation = 0
+        timeout = self.options.attr_timeout
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
+        scratch = inode.backend is not None and self.overlay.get(inode.backend, inode.path)
+        if node.kind is NodeKind.DIR:
+            mode = stat.S_IFDIR | (0o755 if node.writable else 0o555)
+            a.st_nlink = 2
+            size = 0
+        elif node.kind is NodeKind.SYMLINK:
+            mode = stat.S_IFLNK | 0o777
+            a.st_nlink = 1
+            size = len(os.fsencode(node.target))
+        else:
+            mode = stat.S_IFREG | (0o644 if node.writable else 0o444)
+            a.st_nlink = 1
+            size = node.size if scratch else text.file_size(node.size, self.options.raw)
+        if inode.mode is not None and node.kind is not NodeKind.SYMLINK:
+            mode = stat.S_IFMT(mode) | stat.S_IMODE(inode.mode)
+        a.st_mode = mode
+        a.st_size = size
+        a.st_blksize = 4096
+        a.st_blocks = (size + 511) // 512
+        a.st_uid = self.options.uid if inode.uid is None else inode.uid
+        a.st_gid = self.options.gid if inode.gid is None else inode.gid
+        mtime = inode.mtime_ns or node.mtime_ns or self._started_ns
+        a.st_mtime_ns = mtime
+        a.st_ctime_ns = node.mtime_ns or mtime
+        a.st_atime_ns = inode.atime_ns or mtime
+        return a
+
+    def _child_path(self, parent: Inode, name: str) -> tuple[Backend, Path]:
+        if parent.backend is None:
+            raise FsError(errno.EPERM)
+        if len(os.fsencode(name)) > FUSE_NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        return parent.backend, (*parent.path, name)
+
+    def _lookup_backend_dir(self, name: str) -> Inode:
+        backend = self.backends.get(name)
+        if backend is None:
+            raise FsError(errno.ENOENT)
+        return self.inodes.ensure(backend, ())
+
+    async def _exists(self, backend: Backend, path: Path) -> bool:
+        inode = self.inodes.find(backend, path)
+        if inode is not None and self._pending_handle(inode) is not None:
+            return True
+        if self.overlay.get(backend, path) is not None:
+            return True
+        if self.overlay.is_hidden(backend, path):
+            return False
+        try:
+            await self._call(backend.lookup(path))
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def _is_scratch(self, backend: Backend, path: Path) -> bool:
+        return is_scratch_name(path[-1])
+
+    # ---------------------------------------------------------------- lookup / attributes
+
+    @fuse_op
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        sname = _name(name)
+        if parent.backend is None:
+            inode = self._lookup_backend_dir(sname)
+        else:
+            backend, path = self._child_path(parent, sname)
+            inode = self.inodes.find(backend, path) or self.inodes.ensure(backend, path)
+        try:
+            node = await self._node(inode)
+        except BaseException:
+            self.inodes.drop_if_unused(inode)
+            raise
+        inode.lookups += 1
+        return self._attrs(inode, node)
+
+    @fuse_op
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ino = self._inode(inode)
+        if ino is self.inodes.root:
+            return self._attrs(ino, Node(NodeKind.DIR, writable=False))
+        return self._attrs(ino, await self._node(ino))
+
+    @fuse_op
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        ino = self._inode(inode)
+        node = await self._node(ino)
+        if fields.update_size:
+            await self._truncate(ino, node, attr.st_size, fh)
+            node = await self._node(ino)
+        # Owner, mode and times are accepted and kept in memory: cp -a, sed -i and
+        # vim change them and fail or warn if refused, but no store can hold them.
+        if fields.update_mode:
+            ino.mode = attr.st_mode
+        if fields.update_uid:
+            ino.uid = attr.st_uid
+        if fields.update_gid:
+            ino.gid = attr.st_gid
+        if fields.update_atime:
+            ino.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            ino.mtime_ns = attr.st_mtime_ns
+        return self._attrs(ino, node)
+
+    async def _truncate(self, ino: Inode, node: Node, size: int, fh: int | None) -> None:
+        if node.kind is not NodeKind.FILE:
+            raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
+        handle = self._files.get(fh) if fh is not None else self._pending_handle(ino)
+        if handle is not None:
+            if not handle.writable:
+                raise FsError(errno.EBADF)
+            self._resize(handle, size)
+            handle.written = handle.pending = True
+            return
+        if not node.writable:
+            raise FsError(errno.EROFS)
+        assert ino.backend is not None
+        scratch = self.overlay.get(ino.backend, ino.path)
+        if scratch is not None:
+            del scratch.data[size:]
+            scratch.data.extend(b"\0" * (size - len(scratch.data)))
+            return
+        content = bytearray(await self._read_file(ino))
+        del content[size:]
+        content.extend(b"\0" * (size - len(content)))
+        await self._store(ino, bytes(content))
+
+    def _resize(self, handle: OpenFile, size: int) -> None:
+        limit = MAX_SCRATCH_BUFFER if handle.scratch is not None else MAX_BUFFER
+        if size > limit:
+            raise FsError(errno.EFBIG)
+        del handle.buffer[size:]
+        handle.buffer.extend(b"\0" * (size - len(handle.buffer)))
+
+    @fuse_op
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    @fuse_op
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = await self._node(self._inode(inode))
+        if node.kind is not NodeKind.SYMLINK:
+            raise FsError(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    @fuse_op
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 4096
+        s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.inodes)
+        s.f_ffree = s.f_favail = 1 << 20
+        # Long KVP keys escape to names well past 255 bytes; FUSE itself stops at 1024.
+        s.f_namemax = FUSE_NAME_MAX
+        return s
+
+    # ---------------------------------------------------------------- directories
+
+    @fuse_op
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        ino = self._inode(inode)
+        if ino is not self.inodes.root:
+            node = await self._node(ino)
+            if node.kind is not NodeKind.DIR:
+                raise FsError(errno.ENOTDIR)
+        fh = self._new_fh()
+        self._dirs[fh] = OpenDir(ino)
+        ino.open_count += 1
+        return fh
+
+    async def _list(self, ino: Inode) -> list[tuple[str, Inode, Node | None]]:
+        if ino.backend is None:
+            return [
+                (name, self.inodes.ensure(b, ()), Node(NodeKind.DIR))
+                for name, b in self.backends.items()
+            ]
+        backend, path = ino.backend, ino.path
+        listed = await self._call(backend.listdir(path))
+        entries: list[tuple[str, Inode, Node | None]] = []
+        seen: set[str] = set()
+        for name, node in listed:
+            child = (*path, name)
+            if self.overlay.is_hidden(backend, child):
+                continue
+            seen.add(name)
+            entries.append((name, self.inodes.ensure(backend, child), node))
+        for name, scratch in self.overlay.names_in(backend, path):
+            if name not in seen:
+                seen.add(name)
+                node = Node(NodeKind.FILE, len(scratch.data), True, scratch.mtime_ns)
+                entries.append((name, self.inodes.ensure(backend, (*path, name)), node))
+        for handle in self._files.values():
+            h = handle.inode
+            if (
+                handle.created
+                and not handle.unlinked
+                and h.backend is backend
+                and h.path[:-1] == path
+                and h.path[-1] not in seen
+            ):
+                seen.add(h.path[-1])
+                entries.append((h.path[-1], h, None))
+        return entries
+
+    @fuse_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self._dirs.get(fh)
+        if d is None:
+            raise FsError(errno.EBADF)
+        # One snapshot per pass, taken at offset 0: later offsets never skip or
+        # repeat entries while the directory changes underneath.
+        if start_id == 0 or d.entries is None:
+            d.entries = await self._list(d.inode)
+        for index in range(start_id, len(d.entries)):
+            name, inode, node = d.entries[index]
+            if node is None:
+                node = await self._node(inode)
+            attrs = self._attrs(inode, node)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+                self.inodes.drop_if_unused(inode)
+                return
+            inode.lookups += 1
+        # Entries never handed to the kernel must not pin inodes.
+        for _, inode, _ in d.entries:
+            self.inodes.drop_if_unused(inode)
+
+    @fuse_op
+    async def releasedir(self, fh: int) -> None:
+        d = self._dirs.pop(fh, None)
+        if d is not None:
+            d.inode.open_count -= 1
+            if d.entries:
+                for _, inode, _ in d.entries:
+                    self.inodes.drop_if_unused(inode)
+            self.inodes.drop_if_unused(d.inode)
+
+    @fuse_op
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        backend, path = self._child_path(parent, _name(name))
+        await self._call(backend.mkdir(path))
+        inode = self.inodes.ensure(backend, path)
+        node = await self._node(inode)
+        inode.lookups += 1
+        self.invalidator.entry(parent, path[-1])
+        return self._attrs(inode, node)
+
+    @fuse_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._inode(parent_inode)
+        backend, path = self._child_path(parent, _name(name))
+        await self._call(backend.rmdir(path))
+
+    # ---------------------------------------------------------------- files
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    async def _read_file(self, ino: Inode) -> bytes:
+        assert ino.backend is not None
+        scratch = self.overlay.get(ino.backend, ino.path)
+        if scratch is not None:
+            return bytes(scratch.data)
+        pending = self._pending_handle(ino)
+        if pending is not None:
+            return bytes(pending.buffer)
+        if self.overlay.is_hidden(ino.backend, ino.path):
+            raise FsError(errno.ENOENT)
+        value = await self._call(ino.backend.read(ino.path))
+        return text.value_to_file(value, self.options.raw)
+
+    def _open_handle(
+        self, ino: Inode, flags: int, content: bytes, scratch: ScratchFile | None
+    ) -> OpenFile:
+        accmode = flags & os.O_ACCMODE
+        handle = OpenFile(
+            fh=self._new_fh(),
+            inode=ino,
+            buffer=bytearray(content),
+            append=bool(flags & os.O_APPEND),
+            writable=accmode in (os.O_WRONLY, os.O_RDWR),
+            scratch=scratch,
+        )
+        self._files[handle.fh] = handle
+        ino.open_count += 1
+        return handle
+
+    @fuse_op
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        ino = self._inode(inode)
+        node = await self._node(ino)
+        if node.kind is NodeKind.DIR:
+            raise FsError(errno.EISDIR)
+        assert ino.backend is not None
+        writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        if writable and not node.writable:
+            raise FsError(errno.EROFS)
+        scratch = self.overlay.get(ino.backend, ino.path)
+        # libfuse negotiates atomic_o_trunc: the truncation arrives here, not as setattr.
+        truncate = bool(flags & os.O_TRUNC) and writable
+        content = b"" if truncate else await self._read_file(ino)
+        handle = self._open_handle(ino, flags, content, scratch)
+        if truncate:
+            handle.pending = True
+        pending = self._pending_handle(ino)
+        if pending is not None and writable:
+            # A second writer of a not yet committed new file shares its fate.
+            handle.created = True
+            ino.extra["pending"] = handle
+        direct = node.volatile and scratch is None
+        return pyfuse3.FileInfo(fh=handle.fh, direct_io=direct, keep_cache=False)
+
+    @fuse_op
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._inode(parent_inode)
+        backend, path = self._child_path(parent, _name(name))
+        scratch: ScratchFile | None = None
+        if self._is_scratch(backend, path) and not await self._exists(backend, path):
+            scratch = ScratchFile()
+            self.overlay.put(backend, path, scratch)
+        else:
+            await self._call(backend.check_new_name(path))
+        inode = self.inodes.ensure(backend, path)
+        inode.mode = stat.S_IMODE(mode) & ~ctx.umask
+        inode.uid, inode.gid = ctx.uid, ctx.gid
+        flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        handle = self._open_handle(inode, flags, b"", scratch)
+        if scratch is None:
+            handle.pending = handle.created = True
+            inode.extra["pending"] = handle
+        node = await self._node(inode)
+        inode.lookups += 1
+        info = pyfuse3.FileInfo(fh=handle.fh, direct_io=scratch is None, keep_cache=False)
+        return info, self._attrs(inode, node)
+
+    @fuse_op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._files.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        return bytes(handle.buffer[off : off + size])
+
+    @fuse_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._files.get(fh)
+        if handle is None or not handle.writable:
+            raise FsError(errno.EBADF)
+        if handle.append:
+            # The kernel's idea of the size may be stale (values change behind it).
+            off = len(handle.buffer)
+        end = off + len(buf)
+        if end > len(handle.buffer):
+            self._resize(handle, end)
+        handle.buffer[off:end] = buf
+        handle.written = handle.pending = True
+        return len(buf)
+
+    async def _commit(self, handle: OpenFile) -> None:
+        if handle.unlinked:
+            handle.written = handle.pending = False
+            return
+        ino = handle.inode
+        assert ino.backend is not None
+        scratch = self.overlay.get(ino.backend, ino.path)
+        if scratch is not None:
+            scratch.data[:] = handle.buffer
+            scratch.mtime_ns = time.time_ns()
+        else:
+            await self._store(ino, bytes(handle.buffer))
+        handle.written = handle.pending = False
+        if handle.created:
+            handle.created = False
+            if ino.extra.get("pending") is handle:
+                del ino.extra["pending"]
+            for other in self._files.values():
+                if other.inode is ino:
+                    other.created = False
+
+    async def _store(self, ino: Inode, content: bytes) -> None:
+        assert ino.backend is not None
+        value = text.file_to_value(content, self.options.raw)
+        await self._call(ino.backend.write(ino.path, value))
+        self.overlay.unhide(ino.backend, ino.path)
+        self.invalidator.inode(ino)
+
+    @fuse_op
+    async def flush(self, fh: int) -> None:
+        handle = self._files.get(fh)
+        if handle is not None and handle.written:
+            await self._commit(handle)
+
+    @fuse_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._files.get(fh)
+        if handle is not None and handle.pending:
+            await self._commit(handle)
+
+    @fuse_op
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh, None)
+        if handle is None:
+            return
+        ino = handle.inode
+        try:
+            if handle.pending:
+                await self._commit(handle)
+        except FsError as exc:
+            # close() already returned; all we can do is say so.
+            log.error("could not store %s: %s", "/".join(ino.path), exc)
+            raise
+        finally:
+            if ino.extra.get("pending") is handle:
+                del ino.extra["pending"]
+            ino.open_count -= 1
+            self.inodes.drop_if_unused(ino)
+
+    async def commit_all(self) -> None:
+        """Store what open handles still hold (the mount is ending under them)."""
+        for handle in list(self._files.values()):
+            if handle.pending:
+                try:
+                    await self._commit(handle)
+                except (FsError, trio.TooSlowError) as exc:
+                    log.error("could not store %s at unmount: %s", "/".join(handle.inode.path), exc)
+
+    # ---------------------------------------------------------------- names
+
+    @fuse_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._inode(parent_inode)
+        backend, path = self._child_path(parent, _name(name))
+        scratch = self.overlay.get(backend, path)
+        if scratch is not None:
+            origin = self.overlay.release_origin(backend, scratch)
+            if origin is not None:
+                # The editor gave up the moved-away copy without writing a new key.
+                await self._call(backend.remove(origin))
+            self.overlay.pop(backend, path)
+            return
+        inode = self.inodes.find(backend, path)
+        pending = self._pending_handle(inode) if inode is not None else None
+        if pending is not None:
+            for handle in self._files.values():
+                if handle.inode is inode:
+                    handle.unlinked = True
+            assert inode is not None
+            del inode.extra["pending"]
+            return
+        if self.overlay.is_hidden(backend, path):
+            raise FsError(errno.ENOENT)
+        await self._call(backend.remove(path))
+
+    @fuse_op
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        old_parent = self._inode(parent_inode_old)
+        new_parent = self._inode(parent_inode_new)
+        if old_parent.backend is None or new_parent.backend is None:
+            raise FsError(errno.EPERM)
+        if old_parent.backend is not new_parent.backend:
+            raise FsError(errno.EXDEV)
+        backend, old = self._child_path(old_parent, _name(name_old))
+        _, new = self._child_path(new_parent, _name(name_new))
+        if old == new:
+            return
+        old_inode = self.inodes.find(backend, old)
+        pending = self._pending_handle(old_inode) if old_inode is not None else None
+        if pending is not None:
+            await self._commit(pending)
+
+        old_scratch = self.overlay.get(backend, old)
+        new_is_scratch = self.overlay.get(backend, new) is not None or (
+            self._is_scratch(backend, new) and not await self._exists(backend, new)
+        )
+        if noreplace and await self._exists(backend, new):
+            raise FsError(errno.EEXIST)
+
+        if old_scratch is not None and new_is_scratch:
+            self.overlay.pop(backend, old)
+            replaced = self.overlay.pop(backend, new)
+            if replaced is not None:
+                origin = self.overlay.release_origin(backend, replaced)
+                if origin is not None:
+                    await self._call(backend.remove(origin))
+            self.overlay.put(backend, new, old_scratch)
+        elif old_scratch is not None:
+            # sed -i, os.replace, vim's k~ -> k: an atomic put of the scratch content.
+            value = text.file_to_value(bytes(old_scratch.data), self.options.raw)
+            await self._call(backend.write(new, value))
+            self.overlay.unhide(backend, new)
+            self.overlay.pop(backend, old)
+            origin = self.overlay.release_origin(backend, old_scratch)
+            if origin is not None and origin != new:
+                await self._call(backend.remove(origin))
+        elif new_is_scratch:
+            # vim's save renames k -> k~ before writing k anew: keep the key in the
+            # store (hidden here) so that the pool never loses it.
+            if self.overlay.is_hidden(backend, old):
+                raise FsError(errno.ENOENT)
+            content = await self._read_file(old_inode or self.inodes.ensure(backend, old))
+            replaced = self.overlay.pop(backend, new)
+            if replaced is not None:
+                origin = self.overlay.release_origin(backend, replaced)
+                if origin is not None:
+                    await self._call(backend.remove(origin))
+            self.overlay.put(backend, new, ScratchFile(bytearray(content), origin=old))
+            self.overlay.hide(backend, old)
+        else:
+            if self.overlay.is_hidden(backend, old):
+                raise FsError(errno.ENOENT)
+            await self._call(backend.rename(old, new, replace=not noreplace))
+            self.overlay.unhide(backend, new)
+
+        if old_inode is not None:
+            self.inodes.move(old_inode, new)
+        elif (inode := self.inodes.find(backend, new)) is not None:
+            # Nothing known under the old name: the inode of the replaced file is stale.
+            self.invalidator.inode(inode)
+
+    # ---------------------------------------------------------------- refused operations
+
+    @fuse_op
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise FsError(errno.EPERM)
+
+    @fuse_op
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise FsError(errno.EPERM)
+
+    @fuse_op
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise FsError(errno.EPERM)
+
+    # ---------------------------------------------------------------- xattrs
+
+    def _xattr_backend(self, inode: int) -> tuple[Backend, Path] | None:
+        if not self._xattrs:
+            # ENOSYS makes the kernel stop asking for the rest of the mount's life,
+            # which saves a getxattr("security.capability") before every write.
+            raise FsError(errno.ENOSYS)
+        ino = self._inode(inode)
+        if ino.backend is None or not ino.backend.has_xattrs:
+            return None
+        if self.overlay.get(ino.backend, ino.path) is not None:
+            return None
+        return ino.backend, ino.path
+
+    @fuse_op
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        target = self._xattr_backend(inode)
+        if target is None:
+            raise FsError(errno.ENODATA)
+        return await self._call(target[0].getxattr(target[1], _name(name)))
+
+    @fuse_op
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        target = self._xattr_backend(inode)
+        if target is None:
+            return []
+        return [os.fsencode(n) for n in await self._call(target[0].listxattr(target[1]))]
+
+    @fuse_op
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        target = self._xattr_backend(inode)
+        if target is None:
+            raise FsError(errno.ENOTSUP)
+        await self._call(target[0].setxattr(target[1], _name(name), value))
+        self.invalidator.inode(self._inode(inode))
+
+    @fuse_op
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._xattr_backend(inode)
+        raise FsError(errno.ENOTSUP)
+

@@ -1,0 +1,64 @@
+"""Helpers for tests that mount kvpfs in-process and drive it with real programs.
+
+The filesystem runs on the test's trio thread, so the test must never make a
+syscall on the mount from that thread (it would deadlock): every access goes
+through a worker thread or a subprocess, bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 20.0
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, timeout: float = DEFAULT_TIMEOUT) -> T:
+    with trio.fail_after(timeout):
+        return await trio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=True)
+
+
+async def sh(
+    cmd: str | Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    stdin: bytes = b"",
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a real program (a shell line if ``cmd`` is a string) against the mount."""
+    argv: Sequence[str] = ["bash", "-c", cmd] if isinstance(cmd, str) else cmd
+    full_env = {**os.environ, **(env or {})}
+    with trio.fail_after(timeout):
+        result = await trio.run_process(
+            list(argv),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=full_env,
+            cwd=cwd,
+            stdin=stdin,
+        )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{argv!r} exited {result.returncode}\nstdout: {result.stdout!r}\n"
+            f"stderr: {result.stderr!r}"
+        )
+    return result
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
