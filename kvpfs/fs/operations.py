@@ -554,12 +554,16 @@ class Operations(pyfuse3.Operations):
         ino = handle.inode
         assert ino.backend is not None
         scratch = self.overlay.get(ino.backend, ino.path)
-        if scratch is not None:
-            scratch.data[:] = handle.buffer
-            scratch.mtime_ns = time.time_ns()
-        else:
-            await self._store(ino, bytes(handle.buffer))
-        handle.written = handle.pending = False
+        try:
+            if scratch is not None:
+                scratch.data[:] = handle.buffer
+                scratch.mtime_ns = time.time_ns()
+            else:
+                await self._store(ino, bytes(handle.buffer))
+        finally:
+            # A refused value was reported to the writer (flush/fsync error); it
+            # must not sneak into the store later at release.
+            handle.written = handle.pending = False
         if handle.created:
             handle.created = False
             if ino.extra.get("pending") is handle:
