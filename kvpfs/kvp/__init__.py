@@ -1,0 +1,1 @@
+"""Hyper-V KVP pool files of a guest, shown as one directory per pool."""
