@@ -256,7 +256,7 @@ class _Ops:
         raise NotImplementedError
 
     async def read(self, path: str | bytes) -> bytes:
-        return await self.request(Op.READ, build_path(path))
+        return await self.request(Op.READ, _build(build_path, path))
 
     async def exists(self, path: str | bytes) -> bool:
         try:
@@ -268,13 +268,13 @@ class _Ops:
         return True
 
     async def write(self, path: str | bytes, value: bytes | str) -> None:
-        await self.request(Op.WRITE, build_write(path, _b(value)))
+        await self.request(Op.WRITE, _build(build_write, path, _b(value)))
 
     async def mkdir(self, path: str | bytes) -> None:
-        await self.request(Op.MKDIR, build_path(path))
+        await self.request(Op.MKDIR, _build(build_path, path))
 
     async def rm(self, path: str | bytes) -> None:
-        await self.request(Op.RM, build_path(path))
+        await self.request(Op.RM, _build(build_path, path))
 
     async def directory(self, path: str | bytes) -> list[str]:
         """Child names, in the server's order.
@@ -284,7 +284,7 @@ class _Ops:
         chunks, as libxenstore does.
         """
         try:
-            payload = await self.request(Op.DIRECTORY, build_path(path))
+            payload = await self.request(Op.DIRECTORY, _build(build_path, path))
         except XenStoreError as exc:
             if exc.errno != errno.E2BIG:
                 raise
@@ -299,7 +299,7 @@ class _Ops:
             while True:
                 try:
                     payload = await self.request(
-                        Op.DIRECTORY_PART, build_directory_part(path, offset)
+                        Op.DIRECTORY_PART, _build(build_directory_part, path, offset)
                     )
                 except XenStoreError as exc:
                     if exc.errno == errno.ENOSYS:  # server without DIRECTORY_PART
@@ -319,39 +319,44 @@ class _Ops:
         raise _error(errno.EAGAIN, "directory kept changing while being listed")
 
     async def get_perms(self, path: str | bytes) -> list[Perm]:
-        payload = await self.request(Op.GET_PERMS, build_path(path))
+        payload = await self.request(Op.GET_PERMS, _build(build_path, path))
         return [_parse(parse_perm, p) for p in _parse(parse_strings, payload)]
 
     async def set_perms(self, path: str | bytes, perms: Iterable[Perm | str | bytes]) -> None:
-        try:
-            payload = build_set_perms(path, perms)
-        except ProtocolError as exc:
-            raise _error(exc.errno, str(exc)) from None
-        await self.request(Op.SET_PERMS, payload)
+        await self.request(Op.SET_PERMS, _build(build_set_perms, path, perms))
 
     async def get_domain_path(self, domid: int) -> str:
-        payload = await self.request(Op.GET_DOMAIN_PATH, build_domid(domid))
+        payload = await self.request(Op.GET_DOMAIN_PATH, _build(build_domid, domid))
         return _s(_parse(parse_domain_path, payload))
 
     async def is_domain_introduced(self, domid: int) -> bool:
-        payload = await self.request(Op.IS_DOMAIN_INTRODUCED, build_domid(domid))
+        payload = await self.request(Op.IS_DOMAIN_INTRODUCED, _build(build_domid, domid))
         return _parse(parse_bool, payload)
 
     async def introduce(self, domid: int, gfn: int, evtchn: int) -> None:
-        await self.request(Op.INTRODUCE, build_introduce(domid, gfn, evtchn))
+        await self.request(Op.INTRODUCE, _build(build_introduce, domid, gfn, evtchn))
 
     async def release(self, domid: int) -> None:
-        await self.request(Op.RELEASE, build_domid(domid))
+        await self.request(Op.RELEASE, _build(build_domid, domid))
 
     async def resume(self, domid: int) -> None:
-        await self.request(Op.RESUME, build_domid(domid))
+        await self.request(Op.RESUME, _build(build_domid, domid))
 
     async def set_target(self, domid: int, target: int) -> None:
-        await self.request(Op.SET_TARGET, build_set_target(domid, target))
+        await self.request(Op.SET_TARGET, _build(build_set_target, domid, target))
 
     async def control(self, command: str | bytes, *args: str | bytes | int) -> bytes:
         """``CONTROL``; the reply as sent (usually ``OK\\0`` or text ending in NUL)."""
-        return await self.request(Op.CONTROL, build_control(command, *args))
+        return await self.request(Op.CONTROL, _build(build_control, command, *args))
+
+
+def _build(fn: Callable[..., bytes], *args: Any) -> bytes:
+    """A request payload; bad arguments (a NUL inside a path, no permissions) are
+    EINVAL before anything is sent."""
+    try:
+        return fn(*args)
+    except ProtocolError as exc:
+        raise _error(exc.errno, str(exc)) from None
 
 
 def _parse(fn: Callable[[Any], T], payload: Any) -> T:
@@ -613,7 +618,9 @@ class XenStoreClient(_Ops):
                 rewatched: list[Watch] = []
                 for w in [w for ws in self._watches.values() for w in ws]:
                     try:
-                        await self._request_on(conn, Op.WATCH, build_watch(w.raw_path, w.raw_token))
+                        await self._request_on(
+                            conn, Op.WATCH, _build(build_watch, w.raw_path, w.raw_token)
+                        )
                     except XenStoreError as exc:
                         if conn.lost.is_set():
                             break
@@ -795,7 +802,7 @@ class XenStoreClient(_Ops):
         raw_path = _b(path)
         raw_token = self._new_token() if token is None else _b(token)
         w = Watch(raw_path, raw_token, self._watch_capacity if capacity is None else capacity)
-        payload = build_watch(raw_path, raw_token)
+        payload = _build(build_watch, raw_path, raw_token)
         self._add_watch(w)
         try:
             await self.request(Op.WATCH, payload)
