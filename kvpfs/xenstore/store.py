@@ -1,0 +1,1216 @@
+"""The XenStore tree and its semantics as a sans-IO state machine (cxenstored 4.17).
+
+:class:`Store` owns the tree, the connections' watches and transactions, the domain
+table and the quotas.  :meth:`Store.handle` takes one request from one connection and
+returns every message it causes: the reply to the requester and the watch events for
+any connection (the requester included), each as ``(conn_id, Message)`` in the order
+cxenstored writes them.  No sockets, no clock, no randomness: the trio server
+(:mod:`kvpfs.xenstore.server`) only moves bytes.
+
+Observable details follow the real cxenstored 4.17 (checked against it by the
+conformance suite), not just the protocol description:
+
+* every node carries a generation number from one global counter, shown by
+  DIRECTORY_PART.  The counter advances once per node write, once per
+  TRANSACTION_START, twice per removed node (the node and its parent's child list),
+  once per RELEASE, and once per node written back at commit;
+* a transaction records every node it touches, in first-touch order, with the
+  generation it had outside; the commit fails with EAGAIN if any of them changed
+  (blind writes of existing nodes conflict too).  At commit the modified nodes are
+  written back in that order, and the watch events are fired once per touched node in
+  that order - not once per operation;
+* a request whose single argument is malformed (READ ``"/a"`` without its NUL)
+  makes cxenstored answer with a stale ``errno``; this model answers EINVAL, which is
+  what cxenstored answers once any EINVAL has happened.
+"""
+
+from __future__ import annotations
+
+import errno as E
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .protocol import (
+    INTRODUCE_DOMAIN,
+    OK,
+    RELEASE_DOMAIN,
+    XENSTORE_PAYLOAD_MAX,
+    XENSTORE_REL_PATH_MAX,
+    Access,
+    Message,
+    Op,
+    Perm,
+    ProtocolError,
+    c_atoi,
+    c_strtol,
+    domain_path,
+    name_for_errno,
+    parse_perm,
+)
+
+__all__ = [
+    "DEFAULT_QUOTAS",
+    "INITIAL_TREES",
+    "Quotas",
+    "Store",
+    "StoreError",
+]
+
+_WATCH_EVENT = int(Op.WATCH_EVENT)
+_ERROR = int(Op.ERROR)
+_OK = OK
+_FULL = Access.BOTH | Access.OWNER
+
+#: Size of cxenstored's on-disk node header (generation u64, three u32, padded to 8):
+#: the node-size quota counts it.
+_NODE_HEADER = 24
+_PERM_SIZE = 8
+
+_VALID = bytes(
+    1 if chr(c) in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-/_@" else 0
+    for c in range(256)
+)
+_INVALID_CHARS = bytes(c for c in range(256) if not _VALID[c])
+
+HELP_TEXT = (
+    b"check\t\n"
+    b"log\ton|off\n"
+    b"live-update\t[-c <cmdline>] [-F] [-t <timeout>] <file>\n"
+    b"    Default timeout is 60 seconds.\n"
+    b"logfile\t<file>\n"
+    b"memreport\t[<file>]\n"
+    b"print\t<string>\n"
+    b"quota\t[set <name> <val>|<domid>]\n"
+    b"quota-soft\t[set <name> <val>]\n"
+    b"help\t\n"
+)
+
+
+class StoreError(Exception):
+    """A request fails with this errno (sent as its XS_ERROR name)."""
+
+    __slots__ = ("errno",)
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err)
+        self.errno = err
+
+
+# --------------------------------------------------------------------------- quotas
+
+
+@dataclass
+class Quotas:
+    """cxenstored 4.17's per-domain limits; they bind unprivileged connections only,
+    except ``path_max`` which applies to every path."""
+
+    nodes: int = 1000
+    watches: int = 128
+    transactions: int = 10
+    outstanding: int = 20
+    transaction_nodes: int = 1024
+    memory: int = 2621440
+    node_size: int = 2048
+    path_max: int = XENSTORE_REL_PATH_MAX
+    permissions: int = 5
+    memory_soft: int = 2097152
+
+    #: ``CONTROL quota`` names → attribute and description, in cxenstored's order.
+    TABLE: tuple[tuple[bytes, str, bytes], ...] = field(
+        default=(
+            (b"nodes", "nodes", b"Nodes per domain"),
+            (b"watches", "watches", b"Watches per domain"),
+            (b"transactions", "transactions", b"Transactions per domain"),
+            (b"outstanding", "outstanding", b"Outstanding requests per domain"),
+            (
+                b"transaction-nodes",
+                "transaction_nodes",
+                b"Max. number of accessed nodes per transaction",
+            ),
+            (b"memory", "memory", b"Total Xenstore memory per domain (error level)"),
+            (b"node-size", "node_size", b"Max. size of a node"),
+            (b"path-max", "path_max", b"Max. length of a node path"),
+            (b"permissions", "permissions", b"Max. number of permissions per node"),
+        ),
+        repr=False,
+    )
+
+
+DEFAULT_QUOTAS = Quotas()
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Node:
+    """One node.  ``children`` holds child names in creation order."""
+
+    __slots__ = ("children", "gen", "perms", "value")
+
+    def __init__(
+        self, value: bytes, perms: tuple[Perm, ...], children: list[bytes], gen: int
+    ) -> None:
+        self.value = value
+        self.perms = perms
+        self.children = children
+        self.gen = gen
+
+    def copy(self) -> Node:
+        return Node(self.value, self.perms, list(self.children), self.gen)
+
+    def record_size(self) -> int:
+        """Bytes of cxenstored's node record: what the node-size quota measures."""
+        return (
+            _NODE_HEADER
+            + _PERM_SIZE * len(self.perms)
+            + len(self.value)
+            + sum(len(c) + 1 for c in self.children)
+        )
+
+
+class _Touched:
+    """A node a transaction has touched: the generation it had outside (None: absent)
+    when first touched, and what the commit must do with it."""
+
+    __slots__ = ("exact", "fire", "gen", "modified", "saved_perms")
+
+    def __init__(self, gen: int | None) -> None:
+        self.gen = gen
+        self.modified = False
+        self.fire = False
+        self.exact = False
+        # Permissions of a node that existed outside and was removed in the
+        # transaction: the commit fires its watches with them.
+        self.saved_perms: tuple[Perm, ...] | None = None
+
+
+class _Tx:
+    __slots__ = ("conn", "id", "overlay", "owner_delta", "touched")
+
+    def __init__(self, tx_id: int, conn: _Conn) -> None:
+        self.id = tx_id
+        self.conn = conn
+        #: Copy-on-write layer: path → private node copy, or None when removed.
+        self.overlay: dict[bytes, Node | None] = {}
+        self.touched: dict[bytes, _Touched] = {}
+        self.owner_delta: dict[int, int] = {}
+
+
+class _Watch:
+    __slots__ = ("conn", "path", "relative", "seq", "token")
+
+    def __init__(self, conn: _Conn, path: bytes, token: bytes, relative: bool, seq: int) -> None:
+        self.conn = conn
+        self.path = path
+        self.token = token
+        self.relative = relative
+        self.seq = seq
+
+
+class _Conn:
+    __slots__ = (
+        "domid",
+        "home",
+        "home_len",
+        "id",
+        "next_tx",
+        "privileged",
+        "transactions",
+        "watches",
+    )
+
+    def __init__(self, conn_id: int, domid: int, privileged: bool) -> None:
+        self.id = conn_id
+        self.domid = domid
+        self.privileged = privileged
+        self.home = domain_path(domid)
+        self.home_len = len(self.home) + 1
+        self.watches: list[_Watch] = []
+        self.transactions: dict[int, _Tx] = {}
+        self.next_tx = 1
+
+
+class _Domain:
+    __slots__ = ("domid", "target")
+
+    def __init__(self, domid: int) -> None:
+        self.domid = domid
+        self.target: int | None = None
+
+
+def _parent(path: bytes) -> bytes:
+    cut = path.rfind(b"/")
+    return path[:cut] if cut > 0 else b"/"
+
+
+def _basename(path: bytes) -> bytes:
+    return path[path.rfind(b"/") + 1 :]
+
+
+def _ancestors(path: bytes) -> Iterator[bytes]:
+    """``path`` and each ancestor up to ``/``: every watch path that matches it."""
+    yield path
+    while path != b"/":
+        cut = path.rfind(b"/")
+        path = path[:cut] if cut > 0 else b"/"
+        yield path
+
+
+def _child(parent: bytes, name: bytes) -> bytes:
+    return parent + name if parent == b"/" else parent + b"/" + name
+
+
+_PERM_CACHE: dict[tuple[Perm, ...], tuple[Perm, ...]] = {}
+
+
+def _intern_perms(perms: tuple[Perm, ...]) -> tuple[Perm, ...]:
+    """Share equal permission tuples between nodes (most nodes have a handful of
+    distinct lists), which keeps 100,000 nodes small."""
+    got = _PERM_CACHE.get(perms)
+    if got is None:
+        if len(_PERM_CACHE) > 10000:
+            return perms
+        _PERM_CACHE[perms] = perms
+        got = perms
+    return got
+
+
+_N0 = _intern_perms((Perm(Access.NONE, 0),))
+
+#: Named starting trees for :class:`Store` (see :meth:`Store.__init__`).
+INITIAL_TREES = ("xenstored", "domains")
+
+
+Output = list[tuple[int, Message]]
+_Handler = Callable[[_Conn, "_Tx | None", Message, Output], bytes]
+
+
+class Store:
+    """The whole XenStore state of one daemon.
+
+    ``initial``: ``"xenstored"`` is what cxenstored 4.17 holds after start-up
+    (``/``, ``/tool``, ``/tool/xenstored``, dom0 introduced); ``"domains"`` adds dom0's
+    home and one guest domain as libxl's domain creation leaves it (reference §12.2),
+    with ``guest_domid`` introduced.
+    """
+
+    def __init__(
+        self,
+        *,
+        quotas: Quotas | None = None,
+        initial: str = "xenstored",
+        guest_domid: int = 1,
+        guest_name: bytes = b"guest1",
+    ) -> None:
+        if initial not in INITIAL_TREES:
+            raise ValueError(f"initial tree must be one of {INITIAL_TREES}, not {initial!r}")
+        self.quotas = quotas or Quotas()
+        self._nodes: dict[bytes, Node] = {}
+        self._gen = 0
+        self._conns: dict[int, _Conn] = {}
+        self._next_conn = 1
+        self._watch_seq = 0
+        #: watch path → watches on it, for matching an event against its ancestors.
+        self._watch_index: dict[bytes, list[_Watch]] = {}
+        self._domains: dict[int, _Domain] = {0: _Domain(0)}
+        self._owned: dict[int, int] = {}
+        self._special_perms: dict[bytes, tuple[Perm, ...]] = {
+            INTRODUCE_DOMAIN: _N0,
+            RELEASE_DOMAIN: _N0,
+        }
+        self._logfile_set = False
+        self._handlers: dict[int, _Handler] = {
+            Op.CONTROL: self._do_control,
+            Op.DIRECTORY: self._do_directory,
+            Op.READ: self._do_read,
+            Op.GET_PERMS: self._do_get_perms,
+            Op.WATCH: self._do_watch,
+            Op.UNWATCH: self._do_unwatch,
+            Op.TRANSACTION_START: self._do_transaction_start,
+            Op.TRANSACTION_END: self._do_transaction_end,
+            Op.INTRODUCE: self._do_introduce,
+            Op.RELEASE: self._do_release,
+            Op.GET_DOMAIN_PATH: self._do_get_domain_path,
+            Op.WRITE: self._do_write,
+            Op.MKDIR: self._do_mkdir,
+            Op.RM: self._do_rm,
+            Op.SET_PERMS: self._do_set_perms,
+            Op.IS_DOMAIN_INTRODUCED: self._do_is_domain_introduced,
+            Op.RESUME: self._do_resume,
+            Op.SET_TARGET: self._do_set_target,
+            Op.RESET_WATCHES: self._do_reset_watches,
+            Op.DIRECTORY_PART: self._do_directory_part,
+        }
+        self._privileged_ops = frozenset(
+            {
+                Op.CONTROL,
+                Op.INTRODUCE,
+                Op.RELEASE,
+                Op.IS_DOMAIN_INTRODUCED,
+                Op.RESUME,
+                Op.SET_TARGET,
+            }
+        )
+        self._setup_structure()
+        if initial == "domains":
+            self._build_domains(guest_domid, guest_name)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup_structure(self) -> None:
+        # cxenstored's start leaves /, /tool and /tool/xenstored with generations
+        # 1, 2 and 3, all owned by dom0.
+        self._nodes[b"/"] = Node(b"", _N0, [b"tool"], 1)
+        self._nodes[b"/tool"] = Node(b"", _N0, [b"xenstored"], 2)
+        self._nodes[b"/tool/xenstored"] = Node(b"", _N0, [], 3)
+        self._gen = 4
+        self._owned[0] = 3
+
+    def _build_domains(self, domid: int, name: bytes) -> None:
+        conn = self.connect(0)
+        home = domain_path(domid)
+        guest = (Perm(Access.NONE, 0), Perm(Access.READ, domid))
+        steps: list[tuple[int, bytes]] = [
+            (Op.WRITE, b"/local/domain/0/name\0Domain-0"),
+            (Op.WRITE, b"/local/domain/0/domid\0" + b"0"),
+            (Op.MKDIR, home + b"\0"),
+            (Op.SET_PERMS, home + b"\0" + b"".join(p.encode() + b"\0" for p in guest)),
+            (Op.WRITE, home + b"/name\0" + name),
+            (Op.WRITE, home + b"/domid\0" + str(domid).encode()),
+            (Op.MKDIR, home + b"/device\0"),
+            (Op.MKDIR, home + b"/device/suspend\0"),
+            (Op.WRITE, home + b"/device/suspend/event-channel\0"),
+            (Op.SET_PERMS, home + b"/device/suspend/event-channel\0n%d\0" % domid),
+            (Op.MKDIR, b"/libxl/%d\0" % domid),
+        ]
+        for op, payload in steps:
+            out = self.handle(conn, Message(op, 0, 0, payload))
+            assert out[-1][1].type == op, out
+        self.disconnect(conn)
+        self._domains[domid] = _Domain(domid)
+
+    # ------------------------------------------------------------------ connections
+
+    def connect(self, domid: int = 0, *, privileged: bool | None = None) -> int:
+        """Register a connection and return its id.
+
+        A local socket connection is ``domid=0`` (privileged).  A connection for an
+        unprivileged domain has that domain's home, permissions and quotas; the
+        domain is introduced if it was not.
+        """
+        if privileged is None:
+            privileged = domid == 0
+        conn_id = self._next_conn
+        self._next_conn += 1
+        self._conns[conn_id] = _Conn(conn_id, domid, privileged)
+        if domid not in self._domains:
+            self._domains[domid] = _Domain(domid)
+        return conn_id
+
+    def disconnect(self, conn_id: int) -> None:
+        """Forget a connection: its watches go, its transactions are aborted."""
+        conn = self._conns.pop(conn_id, None)
+        if conn is not None:
+            self._drop_watches(conn)
+            conn.transactions.clear()
+
+    def connection_ids(self) -> list[int]:
+        return list(self._conns)
+
+    def is_domain_introduced(self, domid: int) -> bool:
+        return domid in self._domains
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, conn_id: int, msg: Message) -> Output:
+        """Process one request; returns replies and watch events in send order."""
+        conn = self._conns[conn_id]
+        out: Output = []
+        mtype = msg.type
+        tx: _Tx | None = None
+        try:
+            if msg.tx_id and mtype != Op.WATCH and mtype != Op.UNWATCH:
+                tx = conn.transactions.get(msg.tx_id)
+                if tx is None:
+                    raise StoreError(E.ENOENT)
+            handler = self._handlers.get(mtype)
+            if handler is None:
+                raise StoreError(E.ENOSYS)
+            if not conn.privileged and mtype in self._privileged_ops:
+                raise StoreError(E.EACCES)
+            payload = handler(conn, tx, msg, out)
+        except StoreError as exc:
+            out.append((conn_id, self._error(msg, exc.errno)))
+            return out
+        except ProtocolError as exc:
+            out.append((conn_id, self._error(msg, exc.errno)))
+            return out
+        out.append((conn_id, Message(mtype, msg.req_id, msg.tx_id, payload)))
+        if mtype == Op.WATCH:
+            # The initial event follows the WATCH reply.
+            path, token = payload_watch_initial(msg.payload)
+            out.append((conn_id, Message(_WATCH_EVENT, 0, 0, path + b"\0" + token + b"\0")))
+        return out
+
+    @staticmethod
+    def _error(msg: Message, err: int) -> Message:
+        return Message(_ERROR, msg.req_id, msg.tx_id, name_for_errno(err).encode() + b"\0")
+
+    # ------------------------------------------------------------------ arguments
+
+    @staticmethod
+    def _onearg(payload: bytes) -> bytes:
+        if not payload or payload.find(b"\0") != len(payload) - 1:
+            raise StoreError(E.EINVAL)
+        return payload[:-1]
+
+    def _path(self, conn: _Conn, raw: bytes) -> bytes:
+        """Canonical, validated node name (EINVAL otherwise)."""
+        if raw[:1] == b"/":
+            path = raw
+        elif raw[:1] == b"@":
+            raise StoreError(E.EINVAL)
+        else:
+            path = conn.home + b"/" + raw
+        if path != b"/" and (path[-1:] == b"/" or b"//" in path):
+            raise StoreError(E.EINVAL)
+        if len(path) > self.quotas.path_max and len(path) > _local_off(path) + self.quotas.path_max:
+            raise StoreError(E.EINVAL)
+        if path.translate(None, _INVALID_CHARS) != path:
+            raise StoreError(E.EINVAL)
+        return path
+
+    # ------------------------------------------------------------------ tree access
+
+    def _get(self, tx: _Tx | None, path: bytes) -> Node | None:
+        """Read a node as the request sees it, recording the touch in a transaction."""
+        if tx is None:
+            return self._nodes.get(path)
+        overlay = tx.overlay
+        if path in overlay:
+            return overlay[path]
+        node = self._nodes.get(path)
+        if path not in tx.touched:
+            self._touch(tx, path, node)
+            if node is not None:
+                # cxenstored keeps the node as the transaction first read it:
+                # later reads in the transaction do not see outside changes.
+                node = node.copy()
+                overlay[path] = node
+        return node
+
+    def _touch(self, tx: _Tx, path: bytes, node: Node | None) -> _Touched:
+        touched = tx.touched.get(path)
+        if touched is None:
+            conn = tx.conn
+            if not conn.privileged and len(tx.touched) >= self.quotas.transaction_nodes:
+                raise StoreError(E.ENOSPC)
+            touched = _Touched(node.gen if node is not None else None)
+            tx.touched[path] = touched
+        return touched
+
+    def _for_write(self, tx: _Tx | None, path: bytes, node: Node) -> Node:
+        """The node object a write may change: in a transaction a private copy."""
+        if tx is None:
+            return node
+        if tx.overlay.get(path) is node:
+            return node
+        copy = node.copy()
+        tx.overlay[path] = copy
+        return copy
+
+    def _store(self, tx: _Tx | None, path: bytes, node: Node) -> None:
+        """Write a node: it gets the next generation."""
+        node.gen = self._gen
+        self._gen += 1
+        if tx is None:
+            self._nodes[path] = node
+        else:
+            tx.overlay[path] = node
+            self._touch(tx, path, None).modified = True
+
+    def _delete(self, tx: _Tx | None, path: bytes, node: Node) -> None:
+        self._gen += 1
+        owner = node.perms[0].domid
+        if tx is None:
+            del self._nodes[path]
+            self._owned[owner] = self._owned.get(owner, 0) - 1
+        else:
+            tx.overlay[path] = None
+            touched = self._touch(tx, path, None)
+            touched.modified = True
+            if touched.gen is not None and touched.saved_perms is None:
+                touched.saved_perms = node.perms
+            tx.owner_delta[owner] = tx.owner_delta.get(owner, 0) - 1
+
+    def _fire(
+        self,
+        tx: _Tx | None,
+        path: bytes,
+        perms: tuple[Perm, ...],
+        out: Output,
+        exact: bool = False,
+    ) -> None:
+        if tx is not None:
+            touched = self._touch(tx, path, None)
+            if not touched.fire:
+                touched.fire = True
+                touched.exact = exact
+            elif not exact:
+                touched.exact = False
+            return
+        self._fire_now(path, perms, exact, out)
+
+    def _fire_now(self, path: bytes, perms: tuple[Perm, ...], exact: bool, out: Output) -> None:
+        index = self._watch_index
+        if not index:
+            return
+        if exact:
+            matched = list(index.get(path, ()))
+        else:
+            matched = []
+            for anc in _ancestors(path):
+                got = index.get(anc)
+                if got:
+                    matched.extend(got)
+        if not matched:
+            return
+        if len(matched) == 1:
+            w = matched[0]
+            conn = w.conn
+            if conn.privileged or self._access(conn, perms) & Access.READ:
+                epath = path[conn.home_len :] if w.relative else path
+                out.append((conn.id, Message(_WATCH_EVENT, 0, 0, epath + b"\0" + w.token + b"\0")))
+            return
+        matched.sort(key=_watch_order)
+        # One firing sends a connection each distinct event once, even when several
+        # of its watches (same token, same reported path) match.
+        sent: set[tuple[int, bytes]] = set()
+        for w in matched:
+            conn = w.conn
+            if not conn.privileged and not (self._access(conn, perms) & Access.READ):
+                continue
+            epath = path[conn.home_len :] if w.relative else path
+            payload = epath + b"\0" + w.token + b"\0"
+            key = (conn.id, payload)
+            if key in sent:
+                continue
+            sent.add(key)
+            out.append((conn.id, Message(_WATCH_EVENT, 0, 0, payload)))
+
+    def _fire_special(self, name: bytes, out: Output) -> None:
+        watches = self._watch_index.get(name)
+        if not watches:
+            return
+        perms = self._special_perms[name]
+        sent: set[tuple[int, bytes]] = set()
+        for w in sorted(watches, key=_watch_order):
+            conn = w.conn
+            if not conn.privileged and not (self._access(conn, perms) & Access.READ):
+                continue
+            if (conn.id, w.token) in sent:
+                continue
+            sent.add((conn.id, w.token))
+            out.append((conn.id, Message(_WATCH_EVENT, 0, 0, name + b"\0" + w.token + b"\0")))
+
+    # ------------------------------------------------------------------ permissions
+
+    def _access(self, conn: _Conn, perms: tuple[Perm, ...]) -> Access:
+        if conn.privileged:
+            return _FULL
+        domid = conn.domid
+        dom = self._domains.get(domid)
+        target = dom.target if dom is not None else None
+        owner = perms[0].domid
+        if owner == domid or (target is not None and owner == target):
+            return _FULL
+        for p in perms[1:]:
+            if p.domid == domid or (target is not None and p.domid == target):
+                return p.access
+        return perms[0].access
+
+    def _check(self, conn: _Conn, tx: _Tx | None, path: bytes, node: Node, want: Access) -> None:
+        if conn.privileged:
+            return
+        if (self._access(conn, node.perms) & want) != want:
+            raise StoreError(E.EACCES)
+
+    def _missing(self, conn: _Conn, tx: _Tx | None, path: bytes) -> StoreError:
+        """ENOENT, or EACCES when the caller may not even read the closest existing
+        ancestor (so that absence does not leak)."""
+        if conn.privileged and tx is None:
+            return StoreError(E.ENOENT)
+        # cxenstored reads the ancestors up to the closest existing one even for a
+        # privileged caller: in a transaction that read is a touch like any other.
+        for anc in _ancestors(path):
+            if anc == path:
+                continue
+            node = self._get(tx, anc)
+            if node is not None:
+                if self._access(conn, node.perms) & Access.READ:
+                    return StoreError(E.ENOENT)
+                return StoreError(E.EACCES)
+        return StoreError(E.ENOENT)
+
+    def _existing(
+        self, conn: _Conn, tx: _Tx | None, raw: bytes, want: Access
+    ) -> tuple[bytes, Node]:
+        path = self._path(conn, raw)
+        node = self._get(tx, path)
+        if node is None:
+            raise self._missing(conn, tx, path)
+        self._check(conn, tx, path, node, want)
+        return path, node
+
+    # ------------------------------------------------------------------ read ops
+
+    def _do_read(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        return self._existing(conn, tx, self._onearg(msg.payload), Access.READ)[1].value
+
+    def _do_directory(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        node = self._existing(conn, tx, self._onearg(msg.payload), Access.READ)[1]
+        data = b"".join([c + b"\0" for c in node.children])
+        if len(data) > XENSTORE_PAYLOAD_MAX:
+            raise StoreError(E.E2BIG)
+        return data
+
+    def _do_directory_part(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        payload = msg.payload
+        if payload.count(b"\0") != 2:
+            raise StoreError(E.EINVAL)
+        raw, off_raw, _ = payload.split(b"\0")
+        node = self._existing(conn, tx, raw, Access.READ)[1]
+        offset = c_atoi(off_raw)
+        gen = b"%d\0" % node.gen
+        data = b"".join([c + b"\0" for c in node.children])
+        if offset < 0 or offset >= len(data):
+            return gen + b"\0"
+        maxlen = XENSTORE_PAYLOAD_MAX - len(gen) - 1
+        end = offset + maxlen
+        if end >= len(data):
+            return gen + data[offset:] + b"\0"
+        # Whole names only: cut after the last NUL that fits.
+        cut = data.rfind(b"\0", offset, end) + 1
+        if cut <= offset:
+            return gen + b"\0"
+        return gen + data[offset:cut]
+
+    def _do_get_perms(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        node = self._existing(conn, tx, self._onearg(msg.payload), Access.READ)[1]
+        return b"".join([p.encode() + b"\0" for p in node.perms])
+
+    # ------------------------------------------------------------------ write ops
+
+    def _create(self, conn: _Conn, tx: _Tx | None, path: bytes, value: bytes, out: Output) -> Node:
+        """Create ``path`` and any missing parents (deepest first, as cxenstored
+        writes them), then add it to the first existing ancestor's child list."""
+        missing = [path]
+        parent_path = _parent(path)
+        parent = self._get(tx, parent_path)
+        while parent is None:
+            missing.append(parent_path)
+            parent_path = _parent(parent_path)
+            parent = self._get(tx, parent_path)
+        self._check(conn, tx, parent_path, parent, Access.WRITE)
+        perms = parent.perms
+        if not conn.privileged:
+            if perms[0].domid != conn.domid:
+                perms = _intern_perms((Perm(perms[0].access, conn.domid), *perms[1:]))
+            owned = self._owned.get(conn.domid, 0)
+            if tx is not None:
+                owned += tx.owner_delta.get(conn.domid, 0)
+            if owned + len(missing) > self.quotas.nodes:
+                raise StoreError(E.ENOSPC)
+            size = _NODE_HEADER + _PERM_SIZE * len(perms)
+            if size + len(value) >= self.quotas.node_size:
+                raise StoreError(E.ENOSPC)
+            grown = parent.record_size() + len(_basename(missing[-1])) + 1
+            if grown >= self.quotas.node_size:
+                raise StoreError(E.ENOSPC)
+        owner = perms[0].domid
+        created = None
+        child_name = None
+        for i, p in enumerate(missing):
+            node = Node(value if i == 0 else b"", perms, [child_name] if child_name else [], 0)
+            self._store(tx, p, node)
+            if created is None:
+                created = node
+            child_name = _basename(p)
+        assert child_name is not None and created is not None
+        parent = self._for_write(tx, parent_path, parent)
+        parent.children.append(child_name)
+        self._store(tx, parent_path, parent)
+        if tx is None:
+            self._owned[owner] = self._owned.get(owner, 0) + len(missing)
+        else:
+            tx.owner_delta[owner] = tx.owner_delta.get(owner, 0) + len(missing)
+        return created
+
+    def _do_write(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        payload = msg.payload
+        nul = payload.find(b"\0")
+        if nul < 0:
+            raise StoreError(E.EINVAL)
+        path = self._path(conn, payload[:nul])
+        value = payload[nul + 1 :]
+        node = self._get(tx, path)
+        if node is None:
+            created = self._create(conn, tx, path, value, out)
+            self._fire(tx, path, created.perms, out)
+            return _OK
+        self._check(conn, tx, path, node, Access.WRITE)
+        if not conn.privileged:
+            size = node.record_size() - len(node.value) + len(value)
+            if size >= self.quotas.node_size:
+                raise StoreError(E.ENOSPC)
+        node = self._for_write(tx, path, node)
+        node.value = value
+        self._store(tx, path, node)
+        self._fire(tx, path, node.perms, out)
+        return _OK
+
+    def _do_mkdir(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        path = self._path(conn, self._onearg(msg.payload))
+        node = self._get(tx, path)
+        if node is not None:
+            self._check(conn, tx, path, node, Access.WRITE)
+            return _OK
+        created = self._create(conn, tx, path, b"", out)
+        self._fire(tx, path, created.perms, out)
+        return _OK
+
+    def _do_rm(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        path = self._path(conn, self._onearg(msg.payload))
+        node = self._get(tx, path)
+        if node is None:
+            err = self._missing(conn, tx, path)
+            if err.errno == E.ENOENT and self._get(tx, _parent(path)) is not None:
+                return _OK
+            raise err
+        self._check(conn, tx, path, node, Access.WRITE)
+        if path == b"/":
+            raise StoreError(E.EINVAL)
+        self._remove_subtree(conn, tx, path, node, out)
+        return _OK
+
+    def _remove_subtree(
+        self, conn: _Conn, tx: _Tx | None, path: bytes, node: Node, out: Output
+    ) -> None:
+        parent_path = _parent(path)
+        parent = self._get(tx, parent_path)
+        if parent is None:
+            raise StoreError(E.EINVAL)
+        # Depth-first like cxenstored's tree walk: a node is read on the way down
+        # and removed on the way up, after its children.  Each removal also writes
+        # the parent's shortened child list, hence two generations per node.  A
+        # removed node fires the watches set exactly on it; the top one fires like
+        # any change.  A child that cannot be read (a transaction's snapshot of the
+        # parent still lists a child removed outside) stops the walk with EIO and
+        # leaves what was done so far, as cxenstored does.
+        stack: list[tuple[bytes, Node, int]] = [(path, node, 0)]
+        while stack:
+            p, n, i = stack[-1]
+            if i < len(n.children):
+                stack[-1] = (p, n, i + 1)
+                cp = _child(p, n.children[i])
+                child = self._get(tx, cp)
+                if child is None:
+                    raise StoreError(E.EIO)
+                stack.append((cp, child, 0))
+                continue
+            stack.pop()
+            self._delete(tx, p, n)
+            if stack:
+                self._gen += 1
+            self._fire(tx, p, n.perms, out, exact=p != path)
+        name = _basename(path)
+        if name not in parent.children:
+            # Only possible in a transaction whose snapshot of the parent predates
+            # the node: cxenstored reports the inconsistency as EIO, keeping the
+            # removals already done.
+            raise StoreError(E.EIO)
+        parent = self._for_write(tx, parent_path, parent)
+        parent.children.remove(name)
+        self._store(tx, parent_path, parent)
+
+    def _do_set_perms(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        payload = msg.payload
+        num = payload.count(b"\0") - 1
+        if num < 1:
+            raise StoreError(E.EINVAL)
+        strings = payload.split(b"\0")
+        raw = strings[0]
+        if not conn.privileged and num > self.quotas.permissions:
+            raise StoreError(E.ENOSPC)
+        perms = tuple(parse_perm(s) for s in strings[1 : 1 + num])
+        if raw in self._special_perms:
+            if not conn.privileged and not (
+                self._access(conn, self._special_perms[raw]) & Access.WRITE
+            ):
+                raise StoreError(E.EACCES)
+            self._special_perms[raw] = _intern_perms(perms)
+            return _OK
+        path, node = self._existing(conn, tx, raw, Access.WRITE)
+        old_owner = node.perms[0].domid
+        new_owner = perms[0].domid
+        if not conn.privileged and new_owner != old_owner:
+            raise StoreError(E.EPERM)
+        if not conn.privileged:
+            size = node.record_size() + _PERM_SIZE * (len(perms) - len(node.perms))
+            if size >= self.quotas.node_size:
+                raise StoreError(E.ENOSPC)
+        node = self._for_write(tx, path, node)
+        node.perms = _intern_perms(perms)
+        self._store(tx, path, node)
+        if old_owner != new_owner:
+            if tx is None:
+                self._owned[old_owner] = self._owned.get(old_owner, 0) - 1
+                self._owned[new_owner] = self._owned.get(new_owner, 0) + 1
+            else:
+                d = tx.owner_delta
+                d[old_owner] = d.get(old_owner, 0) - 1
+                d[new_owner] = d.get(new_owner, 0) + 1
+        self._fire(tx, path, node.perms, out)
+        return _OK
+
+    # ------------------------------------------------------------------ watches
+
+    def _do_watch(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        strings = msg.payload.split(b"\0")
+        if len(strings) != 3:
+            raise StoreError(E.EINVAL)
+        raw, token, _ = strings
+        path, relative = self._watch_path(conn, raw)
+        for w in conn.watches:
+            if w.path == path and w.token == token:
+                raise StoreError(E.EEXIST)
+        if not conn.privileged and len(conn.watches) >= self.quotas.watches:
+            raise StoreError(E.E2BIG)
+        self._watch_seq += 1
+        w = _Watch(conn, path, token, relative, self._watch_seq)
+        conn.watches.append(w)
+        self._watch_index.setdefault(path, []).append(w)
+        return _OK
+
+    def _watch_path(self, conn: _Conn, raw: bytes) -> tuple[bytes, bool]:
+        if raw[:1] == b"@":
+            if len(raw) > XENSTORE_REL_PATH_MAX:
+                raise StoreError(E.EINVAL)
+            return raw, False
+        return self._path(conn, raw), raw[:1] != b"/"
+
+    def _do_unwatch(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        strings = msg.payload.split(b"\0")
+        if len(strings) != 3:
+            raise StoreError(E.EINVAL)
+        raw, token, _ = strings
+        if raw[:1] in (b"/", b"@"):
+            path = raw
+        else:
+            path = conn.home + b"/" + raw
+        for i, w in enumerate(conn.watches):
+            if w.path == path and w.token == token:
+                del conn.watches[i]
+                self._unindex(w)
+                return _OK
+        raise StoreError(E.ENOENT)
+
+    def _unindex(self, w: _Watch) -> None:
+        lst = self._watch_index.get(w.path)
+        if lst is not None:
+            lst.remove(w)
+            if not lst:
+                del self._watch_index[w.path]
+
+    def _drop_watches(self, conn: _Conn) -> None:
+        for w in conn.watches:
+            self._unindex(w)
+        conn.watches.clear()
+
+    def _do_reset_watches(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        self._drop_watches(conn)
+        conn.transactions.clear()
+        return _OK
+
+    # ------------------------------------------------------------------ transactions
+
+    def _do_transaction_start(
+        self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output
+    ) -> bytes:
+        if tx is not None:
+            raise StoreError(E.EBUSY)
+        if not conn.privileged and len(conn.transactions) >= self.quotas.transactions:
+            raise StoreError(E.ENOSPC)
+        tx_id = conn.next_tx
+        while tx_id == 0 or tx_id in conn.transactions:
+            tx_id = (tx_id + 1) & 0xFFFFFFFF
+        conn.next_tx = (tx_id + 1) & 0xFFFFFFFF
+        conn.transactions[tx_id] = _Tx(tx_id, conn)
+        self._gen += 1
+        return b"%d\0" % tx_id
+
+    def _do_transaction_end(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        arg = self._onearg(msg.payload)
+        if arg == b"T":
+            commit = True
+        elif arg == b"F":
+            commit = False
+        else:
+            raise StoreError(E.EINVAL)
+        if tx is None:
+            raise StoreError(E.ENOENT)
+        del conn.transactions[tx.id]
+        if not commit:
+            return _OK
+        nodes = self._nodes
+        touched = tx.touched
+        for path, t in touched.items():
+            cur = nodes.get(path)
+            if (cur.gen if cur is not None else None) != t.gen:
+                raise StoreError(E.EAGAIN)
+        overlay = tx.overlay
+        owned = self._owned
+        for path, t in touched.items():
+            if not t.modified:
+                continue
+            node = overlay[path]
+            if node is None:
+                nodes.pop(path, None)
+            else:
+                node.gen = self._gen
+                self._gen += 1
+                nodes[path] = node
+        for domid, delta in tx.owner_delta.items():
+            owned[domid] = owned.get(domid, 0) + delta
+        for path, t in touched.items():
+            if not t.fire:
+                continue
+            node = nodes.get(path)
+            if node is not None:
+                self._fire_now(path, node.perms, t.exact, out)
+            elif t.saved_perms is not None:
+                self._fire_now(path, t.saved_perms, t.exact, out)
+        return _OK
+
+    # ------------------------------------------------------------------ domains
+
+    def _domid_arg(self, payload: bytes) -> int:
+        return c_atoi(self._onearg(payload))
+
+    def _do_get_domain_path(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        return domain_path(self._domid_arg(msg.payload)) + b"\0"
+
+    def _do_is_domain_introduced(
+        self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output
+    ) -> bytes:
+        domid = self._domid_arg(msg.payload) & 0xFFFFFFFF
+        return b"T\0" if _signed(domid) in self._domains else b"F\0"
+
+    def _do_introduce(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        strings = msg.payload.split(b"\0")[:-1]
+        if len(strings) < 3:
+            raise StoreError(E.EINVAL)
+        domid = c_atoi(strings[0])
+        c_strtol(strings[1], 0)
+        port = c_atoi(strings[2])
+        if port <= 0:
+            raise StoreError(E.EINVAL)
+        if domid in self._domains:
+            return _OK
+        self._domains[domid] = _Domain(domid)
+        self._fire_special(INTRODUCE_DOMAIN, out)
+        return _OK
+
+    def _do_release(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        domid = self._domid_arg(msg.payload)
+        if domid == 0:
+            raise StoreError(E.EINVAL)
+        if domid not in self._domains:
+            raise StoreError(E.ENOENT)
+        del self._domains[domid]
+        self._remove_owned(conn, domid, out)
+        for other in list(self._conns.values()):
+            if other.domid == domid and not other.privileged:
+                # cxenstored forgets the released domain's ring connection.
+                self._drop_watches(other)
+                other.transactions.clear()
+        self._fire_special(RELEASE_DOMAIN, out)
+        return _OK
+
+    def _remove_owned(self, conn: _Conn, domid: int, out: Output) -> None:
+        """Remove every subtree whose top node the released domain owns, in a
+        top-down walk of the tree (cxenstored 4.17 does not leave them behind)."""
+        stack = [b"/"]
+        while stack:
+            path = stack.pop()
+            node = self._nodes.get(path)
+            if node is None:
+                continue
+            if path != b"/" and node.perms[0].domid == domid:
+                self._remove_subtree(conn, None, path, node, out)
+                continue
+            stack.extend(reversed([_child(path, c) for c in node.children]))
+
+    def _do_resume(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        domid = self._domid_arg(msg.payload)
+        if domid == 0:
+            raise StoreError(E.EINVAL)
+        if domid not in self._domains:
+            raise StoreError(E.ENOENT)
+        return _OK
+
+    def _do_set_target(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        strings = msg.payload.split(b"\0")[:-1]
+        if len(strings) < 2:
+            raise StoreError(E.EINVAL)
+        domid = c_atoi(strings[0])
+        target = c_atoi(strings[1])
+        dom = self._domains.get(domid)
+        if dom is None or target not in self._domains:
+            raise StoreError(E.ENOENT)
+        dom.target = target
+        return _OK
+
+    # ------------------------------------------------------------------ control
+
+    def _do_control(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+        strings = msg.payload.split(b"\0")[:-1]
+        if not strings:
+            raise StoreError(E.EINVAL)
+        cmd, args = strings[0], strings[1:]
+        if cmd == b"check" and not args:
+            return _OK
+        if cmd == b"help" and not args:
+            return HELP_TEXT + b"\0"
+        if cmd == b"print" and len(args) == 1:
+            return _OK
+        if cmd == b"log" and len(args) == 1 and args[0] in (b"on", b"off"):
+            return _OK
+        if cmd == b"logfile" and len(args) == 1:
+            self._logfile_set = True
+            return _OK
+        if cmd == b"memreport" and len(args) <= 1:
+            # cxenstored writes a talloc report to its log file (or the named file),
+            # failing without one; the embedded server writes nothing.
+            if not args and not self._logfile_set:
+                raise StoreError(E.EINVAL)
+            return _OK
+        if cmd == b"quota":
+            return self._control_quota(args)
+        if cmd == b"quota-soft":
+            return self._control_quota_soft(args)
+        if cmd == b"live-update" and args == [b"-s"]:
+            return b"Not in live-update session.\0"
+        if cmd == b"live-update" and args == [b"-a"]:
+            return b"No live-update session active.\0"
+        raise StoreError(E.EINVAL)
+
+    def _control_quota(self, args: list[bytes]) -> bytes:
+        q = self.quotas
+        if not args:
+            lines = [b"Quota settings:\n"]
+            for name, attr, desc in q.TABLE:
+                lines.append(b"%-17s: %8d %s\n" % (name, getattr(q, attr), desc))
+            return b"".join(lines) + b"\0"
+        if args[0] == b"set":
+            if len(args) != 3:
+                raise StoreError(E.EINVAL)
+            for name, attr, _ in q.TABLE:
+                if name == args[1]:
+                    setattr(q, attr, c_atoi(args[2]))
+                    return _OK
+            raise StoreError(E.EINVAL)
+        if len(args) != 1:
+            raise StoreError(E.EINVAL)
+        domid = c_atoi(args[0])
+        if domid not in self._domains:
+            raise StoreError(E.ENOENT)
+        watches = txs = 0
+        for c in self._conns.values():
+            if c.domid == domid and not c.privileged:
+                watches += len(c.watches)
+                txs += len(c.transactions)
+        return (
+            b"Domain %d:\n"
+            b"nodes           : %8d\n"
+            b"watches         : %8d\n"
+            b"transactions    : %8d\n"
+            b"outstanding     : %8d\n"
+            b"memory          : %8d\n\0"
+            % (domid, self._owned.get(domid, 0), watches, txs, 0, self._memory(domid))
+        )
+
+    def _memory(self, domid: int) -> int:
+        # cxenstored accounts the stored size of the domain's nodes (key and record).
+        total = 0
+        for path, node in self._nodes.items():
+            if node.perms[0].domid == domid:
+                total += len(path) + node.record_size()
+        return total
+
+    def _control_quota_soft(self, args: list[bytes]) -> bytes:
+        q = self.quotas
+        if not args:
+            return b"Quota settings:\n%-17s: %8d %s\n\0" % (
+                b"memory",
+                q.memory_soft,
+                b"Total Xenstore memory per domain (warning level)",
+            )
+        if args[0] == b"set" and len(args) == 3 and args[1] == b"memory":
+            q.memory_soft = c_atoi(args[2])
+            return _OK
+        raise StoreError(E.EINVAL)
+
+    # ------------------------------------------------------------------ inspection
+
+    def dump(self) -> list[tuple[bytes, bytes, tuple[Perm, ...]]]:
+        """(path, value, perms) of every node, parents before children, children in
+        creation order: for tests and diagnostics."""
+        result = []
+        stack = [b"/"]
+        while stack:
+            path = stack.pop()
+            node = self._nodes[path]
+            result.append((path, node.value, node.perms))
+            stack.extend(reversed([_child(path, c) for c in node.children]))
+        return result
+
+    def node_count(self) -> int:
+        return len(self._nodes)
+
+    def generation(self) -> int:
+        """The next generation number to be handed out."""
+        return self._gen
+
+
+def payload_watch_initial(payload: bytes) -> tuple[bytes, bytes]:
+    """The (path, token) of a WATCH request as its initial event repeats them."""
+    path, token, _ = payload.split(b"\0")
+    return path, token
+
+
+def _watch_order(w: _Watch) -> tuple[int, int]:
+    return (w.conn.id, w.seq)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _local_off(path: bytes) -> int:
+    prefix = b"/local/domain/"
+    if not path.startswith(prefix):
+        return 0
+    i = len(prefix)
+    j = i
+    end = min(len(path), i + 5)
+    if j < end and path[j] in b"+-":
+        j += 1
+    digits = j
+    while j < end and 48 <= path[j] <= 57:
+        j += 1
+    if j == digits or j >= len(path) or path[j] != 0x2F:
+        return 0
+    return j + 1
+
+
