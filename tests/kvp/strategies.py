@@ -48,7 +48,9 @@ def raw_records(draw: st.DrawFn, key_strategy: st.SearchStrategy[bytes]) -> tupl
 
 @st.composite
 def pool_files(
-    draw: st.DrawFn, key_strategy: st.SearchStrategy[bytes] = small_keys | keys, max_records: int = 8
+    draw: st.DrawFn,
+    key_strategy: st.SearchStrategy[bytes] = small_keys | keys,
+    max_records: int = 8,
 ) -> tuple[bytes, list[Record]]:
     """(file bytes, the records a correct parser finds), with leftovers and a partial tail."""
     items = draw(st.lists(raw_records(key_strategy), max_size=max_records))

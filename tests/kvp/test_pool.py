@@ -149,7 +149,9 @@ async def test_delete_missing_key(pool_path: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "absent").exists()
 
 
-async def test_set_writes_once_whatever_the_pool_size(tmp_path: Path) -> None:
+async def test_set_writes_once_whatever_the_pool_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "pool"
     path.write_bytes(b"".join(encode_record(b"k%d" % i, b"v") for i in range(2000)))
     pool = PoolFile(str(path))
@@ -161,12 +163,9 @@ async def test_set_writes_once_whatever_the_pool_size(tmp_path: Path) -> None:
         written.append(len(data))
         return real_pwrite(fd, data, offset)
 
-    pool_mod.os.pwrite = counting_pwrite  # type: ignore[assignment]
-    try:
-        await pool.set(b"k1000", b"new")
-        await pool.set(b"fresh", b"new")
-    finally:
-        pool_mod.os.pwrite = real_pwrite
+    monkeypatch.setattr(os, "pwrite", counting_pwrite)
+    await pool.set(b"k1000", b"new")
+    await pool.set(b"fresh", b"new")
     assert written == [2048, RECORD_SIZE]
 
 
@@ -224,8 +223,8 @@ async def test_a_recent_change_is_read_again_even_with_an_equal_stamp(
             return stamp
         return st
 
-    monkeypatch.setattr(pool_mod.os, "stat", frozen_stat)
-    monkeypatch.setattr(pool_mod.os, "fstat", lambda fd: stamp)
+    monkeypatch.setattr(os, "stat", frozen_stat)
+    monkeypatch.setattr(os, "fstat", lambda fd: stamp)
     assert (await pool.state()).get(b"ALPHA") == b"one"
 
 
@@ -325,8 +324,8 @@ async def test_takes_ofd_then_flock_and_releases_both(
         calls.append(f"flock {op}")
         real_flock(fd, op)
 
-    monkeypatch.setattr(pool_mod.fcntl, "fcntl", spy_fcntl)
-    monkeypatch.setattr(pool_mod.fcntl, "flock", spy_flock)
+    monkeypatch.setattr(fcntl, "fcntl", spy_fcntl)
+    monkeypatch.setattr(fcntl, "flock", spy_flock)
     await PoolFile(str(pool_path)).set(b"beta", b"x")
     wr = fcntl.F_WRLCK.to_bytes(2, "little")
     un = fcntl.F_UNLCK.to_bytes(2, "little")

@@ -129,7 +129,9 @@ def test_delete_first_duplicate_exposes_the_second() -> None:
 
 
 @given(pool_files(), st.data(), keys)
-def test_plan_rename_key(case: tuple[bytes, list[Record]], data_st: st.DataObject, new: bytes) -> None:
+def test_plan_rename_key(
+    case: tuple[bytes, list[Record]], data_st: st.DataObject, new: bytes
+) -> None:
     data, records = case
     assume(records)
     index = data_st.draw(st.integers(0, len(records) - 1))
