@@ -29,7 +29,8 @@ Design notes (why, not what):
   made while disconnected fail immediately with ``ENOTCONN`` (``wait_connected()``
   exists for callers that prefer to wait).  Meanwhile a background task reconnects with
   exponential backoff, re-registers every active watch and then puts a
-  :class:`Reconnected` marker into each watch's stream.  Transactions of the lost
+  :class:`Reconnected` marker into each watch's stream (the server's initial event
+  for the re-registered watch may come just before or just after the marker).  Transactions of the lost
   connection fail with ``ECONNRESET``; they are never silently moved.
 * Each watch has a bounded buffer (``watch_capacity`` events).  The reader never waits
   for a slow consumer (that would stall every request on the connection): when a
