@@ -1,0 +1,297 @@
+"""Command line: ``kvpfs MOUNTPOINT [-o opt,...] [-f] [-d] [--kvp-dir DIR]``.
+
+Like sshfs, the command returns only once the mount is ready and then keeps
+serving in the background (``-f`` stays in the foreground), so that
+``kvpfs /mnt/x && ls /mnt/x`` works in a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvpfs import __version__
+
+log = logging.getLogger("kvpfs")
+
+MOUNT_OPTIONS_HELP = """\
+mount options (-o, comma-separated):
+  ro                 mount read-only (every write: EROFS)
+  raw                files are values byte for byte (default: value + one newline)
+  allow_other        let other users in (the kernel still checks the mode bits)
+  kvp_writable=all   make every KVP pool writable (default: only guest and
+                     auto_internal; CI uses this to play the host)
+  kvp_limits=format  allow the pool format's own 511/2047 bytes in the guest pool
+                     (default "host": what reaches the host intact, 254/1022
+                     UTF-16 units and valid UTF-8)
+  uid=N,gid=N        owner shown for every file (default: the mounting user)
+  attr_timeout=S     seconds the kernel may cache attributes (default 1)
+  timeout=S          seconds before a store that does not answer gives EIO (default 30)
+"""
+
+
+class UsageError(Exception):
+    """A one-line message for the user; exit status 2 (usage) or 1 (runtime)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    foreground: bool = False
+    debug: bool = False
+    kvp_dir: str | None = None
+    log_file: str | None = None
+    read_only: bool = False
+    raw: bool = False
+    allow_other: bool = False
+    kvp_all_writable: bool = False
+    kvp_limits: str = "host"
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    attr_timeout: float = 1.0
+    timeout: float = 30.0
+
+
+def parse_mount_options(config: MountConfig, text: str) -> None:
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            if name == "ro" and not value:
+                config.read_only = True
+            elif name == "rw" and not value:
+                config.read_only = False
+            elif name == "raw" and not value:
+                config.raw = True
+            elif name == "allow_other" and not value:
+                config.allow_other = True
+            elif name == "kvp_writable" and value in ("all", "default"):
+                config.kvp_all_writable = value == "all"
+            elif name == "kvp_limits" and value in ("host", "format"):
+                config.kvp_limits = value
+            elif name == "uid" and value:
+                config.uid = int(value)
+            elif name == "gid" and value:
+                config.gid = int(value)
+            elif name == "attr_timeout" and value:
+                config.attr_timeout = float(value)
+            elif name == "timeout" and value:
+                config.timeout = float(value)
+            else:
+                raise UsageError(f"unknown or malformed mount option '{item}'", 2)
+        except ValueError:
+            raise UsageError(f"malformed value in mount option '{item}'", 2) from None
+
+
+def _mount_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvpfs",
+        description="Mount Hyper-V KVP pools (and XenStore) as files.",
+        epilog=MOUNT_OPTIONS_HELP
+        + "\nother commands:\n  kvpfs xenstored --socket PATH   run the embedded xenstored\n"
+        "  kvpfs unmount MOUNTPOINT         unmount (lazily if busy)\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", dest="debug", action="store_true", help="debug log; implies -f")
+    p.add_argument("--kvp-dir", metavar="DIR", help="directory of the .kvp_pool_N files")
+    p.add_argument("--log", dest="log_file", metavar="FILE", help="log here once in background")
+    p.add_argument("--version", action="version", version=f"kvpfs {__version__}")
+    return p
+
+
+def parse_mount_args(argv: Sequence[str]) -> MountConfig:
+    args = _mount_parser().parse_args(argv)
+    config = MountConfig(
+        mountpoint=args.mountpoint,
+        foreground=args.foreground or args.debug,
+        debug=args.debug,
+        kvp_dir=args.kvp_dir,
+        log_file=args.log_file,
+    )
+    for text in args.options:
+        parse_mount_options(config, text)
+    return config
+
+
+def preflight(config: MountConfig) -> None:
+    """The checks that deserve a clear one-line error before anything is mounted."""
+    from kvpfs.fs.mount import mounted_at
+
+    mnt = config.mountpoint
+    if not os.path.lexists(mnt):
+        raise UsageError(f"mountpoint {mnt} does not exist")
+    if mounted_at(mnt):
+        raise UsageError(f"mountpoint {mnt} is busy: something is already mounted there")
+    try:
+        st = os.stat(mnt)
+    except OSError as exc:
+        raise UsageError(f"mountpoint {mnt} is not usable: {exc.strerror}") from None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mountpoint {mnt} is not a directory")
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except OSError as exc:
+        hint = " (load the fuse module; in a container pass --device /dev/fuse)"
+        raise UsageError(f"cannot open /dev/fuse: {exc.strerror}{hint}") from None
+    os.close(fd)
+
+
+def build_operations(config: MountConfig) -> object:
+    from kvpfs.fs.operations import FsOptions, Operations
+    from kvpfs.kvp.backend import KvpBackend
+    from kvpfs.kvp.location import PoolDirError, find_pool_dir
+
+    try:
+        location = find_pool_dir(config.kvp_dir)
+    except PoolDirError as exc:
+        raise UsageError(str(exc)) from None
+    log.info("KVP pools: %s (%s)", location.path, location.kind.value)
+    kvp = KvpBackend(
+        location.path,
+        all_writable=config.kvp_all_writable,
+        read_only=config.read_only,
+        limits="format" if config.kvp_limits == "format" else "host",
+    )
+    options = FsOptions(
+        raw=config.raw,
+        uid=config.uid,
+        gid=config.gid,
+        attr_timeout=config.attr_timeout,
+        backend_timeout=config.timeout,
+    )
+    return Operations([kvp], options)
+
+
+def _setup_logging(config: MountConfig) -> None:
+    level = logging.DEBUG if config.debug else logging.WARNING
+    logging.basicConfig(level=level, format="kvpfs: %(levelname)s %(name)s: %(message)s")
+
+
+def run_mount(config: MountConfig) -> int:
+    preflight(config)
+    if config.foreground:
+        _setup_logging(config)
+        return _serve(config, ready_fd=None)
+    # Fork before trio or pyfuse3 start any thread; the parent waits until the
+    # child reports the mount ready (or why it failed) and exits with that.
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        chunks = []
+        while chunk := os.read(read_fd, 4096):
+            chunks.append(chunk)
+        os.close(read_fd)
+        report = b"".join(chunks).decode(errors="replace")
+        if report.startswith("ready"):
+            return 0
+        _, status = os.waitpid(pid, 0)
+        message = report.strip() or f"the mount process exited with status {status >> 8}"
+        print(f"kvpfs: {message}", file=sys.stderr)
+        return 1
+    os.close(read_fd)
+    os.setsid()
+    _setup_logging(config)
+    try:
+        status = _serve(config, ready_fd=write_fd)
+    except UsageError as exc:
+        os.write(write_fd, str(exc).encode())
+        status = exc.status
+    except BaseException as exc:  # the parent must hear why, whatever it was
+        os.write(write_fd, f"{type(exc).__name__}: {exc}".encode())
+        status = 1
+    os._exit(status)
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    target = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log_file else null
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+
+
+def _serve(config: MountConfig, ready_fd: int | None) -> int:
+    import trio
+
+    from kvpfs.fs.mount import fuse_options, serve
+    from kvpfs.fs.operations import Operations
+
+    ops = build_operations(config)
+    assert isinstance(ops, Operations)
+    opts = fuse_options(allow_other=config.allow_other, read_only=config.read_only)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(
+                    functools.partial(serve, handle_signals=True), ops, config.mountpoint, opts
+                )
+            except RuntimeError as exc:
+                raise UsageError(f"mounting on {config.mountpoint} failed: {exc}") from None
+            log.info("mounted on %s", config.mountpoint)
+            if ready_fd is not None:
+                os.write(ready_fd, b"ready")
+                os.close(ready_fd)
+                _detach_stdio(config.log_file)
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        usage = group.subgroup(UsageError)
+        if usage is not None:
+            raise usage.exceptions[0] from None
+        raise
+    return 0
+
+
+def run_unmount(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="kvpfs unmount")
+    p.add_argument("mountpoint")
+    args = p.parse_args(argv)
+    from kvpfs.fs.mount import force_unmount, mounted_at
+
+    if not mounted_at(args.mountpoint):
+        raise UsageError(f"{args.mountpoint} is not mounted")
+    import subprocess
+
+    if subprocess.run(["fusermount3", "-u", args.mountpoint], check=False).returncode == 0:
+        return 0
+    return 0 if force_unmount(args.mountpoint) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] == "unmount":
+            return run_unmount(args[1:])
+        if args and args[0] == "xenstored":
+            from kvpfs.xenstore.cli import run_xenstored
+
+            return run_xenstored(args[1:])
+        return run_mount(parse_mount_args(args))
+    except UsageError as exc:
+        print(f"kvpfs: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"kvpfs: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
