@@ -30,8 +30,9 @@ Design notes (why, not what):
   exists for callers that prefer to wait).  Meanwhile a background task reconnects with
   exponential backoff, re-registers every active watch and then puts a
   :class:`Reconnected` marker into each watch's stream (the server's initial event
-  for the re-registered watch may come just before or just after the marker).  Transactions of the lost
-  connection fail with ``ECONNRESET``; they are never silently moved.
+  for the re-registered watch may come just before or just after the marker).
+  Transactions of the lost connection fail with ``ECONNRESET``; they are never
+  silently moved.
 * Each watch has a bounded buffer (``watch_capacity`` events).  The reader never waits
   for a slow consumer (that would stall every request on the connection): when a
   watch's buffer is full further events for it are dropped and a single
@@ -105,6 +106,8 @@ Connector = Callable[[], Awaitable[trio.abc.Stream]]
 
 #: How many abandoned request ids a connection remembers (to discard late replies).
 _MAX_ORPHANS = 4096
+#: A connection that lasted this long (seconds) was fine: reconnect without delay.
+_STABLE_CONNECTION = 1.0
 #: DIRECTORY_PART restarts (the directory kept changing) before giving up with EAGAIN.
 _MAX_DIRECTORY_RESTARTS = 64
 
@@ -574,8 +577,8 @@ class XenStoreClient(_Ops):
                         await trio.sleep(delay)
                         delay = min(delay * 2, self._delay_max)
                         continue
-                    delay = self._delay
                     conn = _Connection(stream, self._send_queue)
+                    since = trio.current_time()
                     try:
                         await self._serve(conn, first, task_status)
                     finally:
@@ -586,10 +589,19 @@ class XenStoreClient(_Ops):
                         with trio.CancelScope(shield=True):
                             await trio.aclose_forcefully(stream)
                     first = False
+                    if self._closed:
+                        return
                     if not self._reconnect:
                         self._give_up(conn.error)
                         return
                     log.info("connection to xenstored lost; reconnecting")
+                    # Reconnect at once after a connection that lasted, but back off
+                    # from a server that accepts and drops us again and again.
+                    if trio.current_time() - since < _STABLE_CONNECTION:
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, self._delay_max)
+                    else:
+                        delay = self._delay
         finally:
             self._closed = True
             self._conn = None
@@ -633,7 +645,11 @@ class XenStoreClient(_Ops):
                 if not conn.lost.is_set():
                     self._publish(conn)
                     for w in rewatched:
-                        w._put(Reconnected())
+                        if w in self._watches.get(w.raw_token, ()):
+                            w._put(Reconnected())
+                        else:  # its block ended while we were registering it
+                            payload = _build(build_watch, w.raw_path, w.raw_token)
+                            self._send_nowait(conn, Op.UNWATCH, payload, 0)
             await conn.lost.wait()
             nursery.cancel_scope.cancel()
 

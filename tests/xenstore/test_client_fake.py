@@ -240,32 +240,37 @@ async def test_cancelled_watch_is_unwatched_when_the_reply_comes(server: FakeXen
 async def test_reconnect_fails_pending_and_reregisters_watches(server: FakeXenstored) -> None:
     async with client(server) as xs, xs.watch("/rw", "tok") as events:
         assert await events.__anext__() == WatchEvent("/rw", "tok")
-        async with xs.transaction() as tx:
-            server.hold = {Op.READ}
-            errors: list[int] = []
+        tx_cm = xs.transaction()
+        tx = await tx_cm.__aenter__()
+        server.hold = {Op.READ}
+        errors: list[int] = []
 
-            async def read() -> None:
-                try:
-                    await xs.read("/pending")
-                except XenStoreError as exc:
-                    errors.append(exc.errno or 0)
+        async def read() -> None:
+            try:
+                await xs.read("/pending")
+            except XenStoreError as exc:
+                errors.append(exc.errno or 0)
 
-            server.refuse = 2  # the first two reconnection attempts fail
-            async with trio.open_nursery() as nursery:
-                for _ in range(3):
-                    nursery.start_soon(read)
-                await server.wait_for(lambda: len(server.conns[0].held) == 3)
-                with trio.fail_after(1):  # pending callers learn at once
-                    await server.conns[0].close()
-            assert errors == [errno.ECONNRESET] * 3
-            server.hold = set()
-            with trio.fail_after(5):
-                await xs.wait_connected()
-            assert server.attempts == 4 and xs.connections == 2
-            with pytest.raises(XenStoreError) as info:
-                await tx.write("/rw/x", b"")
-            assert info.value.errno == errno.ECONNRESET
-            tx.ended = True  # nothing to commit or abort on the new connection
+        server.refuse = 2  # the first two reconnection attempts fail
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(read)
+            await server.wait_for(lambda: len(server.conns[0].held) == 3)
+            with trio.fail_after(1):  # pending callers learn at once
+                await server.conns[0].close()
+        assert errors == [errno.ECONNRESET] * 3
+        server.hold = set()
+        with trio.fail_after(5):
+            await xs.wait_connected()
+        assert server.attempts == 4 and xs.connections == 2
+        # the transaction belonged to the lost connection: requests and commit fail
+        with pytest.raises(XenStoreError) as info:
+            await tx.write("/rw/x", b"")
+        assert info.value.errno == errno.ECONNRESET
+        with pytest.raises(XenStoreError) as info:
+            await tx_cm.__aexit__(None, None, None)
+        assert info.value.errno == errno.ECONNRESET
+        assert not server.ops(Op.TRANSACTION_END)
         # the watch was registered on the new connection before it was published
         second = server.conns[1]
         assert [parse_watch(m.payload) for m in server.ops(Op.WATCH)] == [(b"/rw", b"tok")] * 2
@@ -318,6 +323,25 @@ async def test_oversized_frame_from_server_drops_the_connection(server: FakeXens
                 await trio.sleep(0.005)
         assert server.conns[0].closed.is_set()
         assert await xs.read("/ok") == b"value of /ok"
+
+
+async def test_backoff_from_a_server_that_keeps_dropping_us(server: FakeXenstored) -> None:
+    async def hang_up(conn: FakeConn, msg: Message) -> None:
+        await conn.close()
+
+    server.handler = hang_up
+    real_connect = server.connect
+
+    async def connect_and_drop() -> trio.abc.Stream:
+        stream = await real_connect()
+        await server.conns[-1].close()
+        return stream
+
+    async with XenStoreClient(connect=connect_and_drop, reconnect_delay=0.01) as xs:
+        await trio.sleep(0.5)
+        # 0.01 s doubling: about six attempts, not a busy loop
+        assert 3 <= server.attempts <= 10
+        assert not xs.connected or xs.connections > 1
 
 
 async def test_without_reconnect_everything_ends(server: FakeXenstored) -> None:
