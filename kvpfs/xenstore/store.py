@@ -27,7 +27,7 @@ conformance suite), not just the protocol description:
 from __future__ import annotations
 
 import errno as E
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .protocol import (
@@ -414,6 +414,11 @@ class Store:
             self._drop_watches(conn)
             conn.transactions.clear()
 
+    def introduce(self, domid: int) -> None:
+        """Mark a domain introduced without firing ``@introduceDomain`` (set-up)."""
+        if domid not in self._domains:
+            self._domains[domid] = _Domain(domid)
+
     def connection_ids(self) -> list[int]:
         return list(self._conns)
 
@@ -490,13 +495,12 @@ class Store:
         if path in overlay:
             return overlay[path]
         node = self._nodes.get(path)
-        if path not in tx.touched:
-            self._touch(tx, path, node)
-            if node is not None:
-                # cxenstored keeps the node as the transaction first read it:
-                # later reads in the transaction do not see outside changes.
-                node = node.copy()
-                overlay[path] = node
+        self._touch(tx, path, node)
+        # cxenstored keeps a node as the transaction first read it (absent
+        # included): later reads in the transaction do not see outside changes.
+        if node is not None:
+            node = node.copy()
+        overlay[path] = node
         return node
 
     def _touch(self, tx: _Tx, path: bytes, node: Node | None) -> _Touched:
@@ -904,10 +908,7 @@ class Store:
         if len(strings) != 3:
             raise StoreError(E.EINVAL)
         raw, token, _ = strings
-        if raw[:1] in (b"/", b"@"):
-            path = raw
-        else:
-            path = conn.home + b"/" + raw
+        path = raw if raw[:1] in (b"/", b"@") else conn.home + b"/" + raw
         for i, w in enumerate(conn.watches):
             if w.path == path and w.token == token:
                 del conn.watches[i]

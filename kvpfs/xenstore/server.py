@@ -1,0 +1,341 @@
+"""An embedded xenstored: the :class:`~kvpfs.xenstore.store.Store` behind unix sockets.
+
+:func:`serve_xenstored` runs until cancelled.  It listens on
+
+* the privileged socket (``XENSTORED_PATH``): every client there is a local socket
+  connection of dom0, exactly like cxenstored's ``<rundir>/socket``;
+* optional domain sockets (``{domid: path}``): every client there speaks as that
+  unprivileged domain (home ``/local/domain/<domid>``, permission checks, quotas),
+  standing in for the shared-memory ring a real guest would use.
+
+Wire behaviour follows cxenstored 4.17: requests on one connection are answered in
+order; watch events may come between; a header announcing more than 4096 payload
+bytes drops the connection.
+
+Memory bounds, per connection:
+
+* replies: after a batch of requests the connection's task writes the replies itself
+  before it reads more, so a client that sends without reading stalls only itself
+  (the kernel socket buffers fill, then it stops being read);
+* watch events caused by other connections are queued for the connection's writer.
+  If the unsent bytes of a connection exceed ``max_pending_bytes`` (default
+  2.5 MiB, cxenstored's hard per-domain memory quota, past which cxenstored stops
+  talking to a domain) the connection is dropped: silently losing events would leave
+  a client's cache wrong without telling it, a dropped connection is noticed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket as _stdsocket
+import stat
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .protocol import HEADER, XENSTORE_PAYLOAD_MAX, Message
+from .store import Quotas, Store
+
+__all__ = [
+    "DEFAULT_MAX_PENDING_BYTES",
+    "XenstoredServer",
+    "serve_xenstored",
+]
+
+#: cxenstored 4.17's hard memory quota per domain (``-Q memory=``).
+DEFAULT_MAX_PENDING_BYTES = 2621440
+
+_RECV_SIZE = 65536
+_HEADER_SIZE = HEADER.size
+_unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack
+
+
+@dataclass
+class ServerStats:
+    """Counters for tests and diagnostics."""
+
+    accepted: int = 0
+    closed: int = 0
+    dropped_oversized: int = 0
+    dropped_backlog: int = 0
+
+
+class _Client:
+    __slots__ = (
+        "cancel",
+        "chunks",
+        "conn_id",
+        "domid",
+        "pending",
+        "send_lock",
+        "sock",
+        "wake",
+    )
+
+    def __init__(self, conn_id: int, domid: int, sock: trio.socket.SocketType) -> None:
+        self.conn_id = conn_id
+        self.domid = domid
+        self.sock = sock
+        self.chunks: list[bytes] = []
+        self.pending = 0
+        self.wake = trio.Event()
+        self.send_lock = trio.StrictFIFOLock()
+        self.cancel = trio.CancelScope()
+
+
+class XenstoredServer:
+    """The listeners and connections around one :class:`Store`.
+
+    Use :func:`serve_xenstored` (or ``await nursery.start(server.serve)``); the
+    object handed to ``task_status.started()`` is this server, whose ``store`` may
+    be inspected between requests.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        domain_sockets: Mapping[int, str | os.PathLike[str]] | None = None,
+        *,
+        store: Store | None = None,
+        initial: str = "xenstored",
+        quotas: Quotas | None = None,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+    ) -> None:
+        self.socket_path = os.fspath(socket_path)
+        self.domain_sockets = {int(d): os.fspath(p) for d, p in (domain_sockets or {}).items()}
+        for domid in self.domain_sockets:
+            if domid == 0:
+                raise ValueError("domain 0 is the privileged socket, not a domain socket")
+        self.store = store if store is not None else Store(initial=initial, quotas=quotas)
+        self.max_pending_bytes = max_pending_bytes
+        self.stats = ServerStats()
+        self._clients: dict[int, _Client] = {}
+        self._bound: list[str] = []
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._clients)
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind every socket, report started, serve until cancelled.
+
+        On the way out every client connection is closed and the socket files this
+        server created are removed.
+        """
+        listeners: list[tuple[trio.socket.SocketType, int]] = []
+        try:
+            listeners.append((await self._bind(self.socket_path), 0))
+            for domid, path in self.domain_sockets.items():
+                listeners.append((await self._bind(path), domid))
+                self.store.introduce(domid)
+            async with trio.open_nursery() as nursery:
+                for sock, domid in listeners:
+                    nursery.start_soon(self._accept_loop, nursery, sock, domid)
+                task_status.started(self)
+        finally:
+            for sock, _ in listeners:
+                sock.close()
+            for path in self._bound:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self._bound.clear()
+
+    async def _bind(self, path: str) -> trio.socket.SocketType:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                # A socket file left by a previous run; cxenstored replaces it too.
+                os.unlink(path)
+        sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            self._bound.append(path)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _accept_loop(
+        self, nursery: trio.Nursery, sock: trio.socket.SocketType, domid: int
+    ) -> None:
+        while True:
+            try:
+                client_sock, _ = await sock.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: wait for connections to go away.
+                    await trio.sleep(0.05)
+                    continue
+                raise
+            self.stats.accepted += 1
+            nursery.start_soon(self._run_client, client_sock, domid)
+
+    async def _run_client(self, sock: trio.socket.SocketType, domid: int) -> None:
+        conn_id = self.store.connect(domid)
+        client = _Client(conn_id, domid, sock)
+        self._clients[conn_id] = client
+        try:
+            with client.cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, client)
+                    await self._reader(client)
+                    nursery.cancel_scope.cancel()
+        finally:
+            del self._clients[conn_id]
+            self.store.disconnect(conn_id)
+            sock.close()
+            self.stats.closed += 1
+
+    async def _reader(self, client: _Client) -> None:
+        sock = client.sock
+        buf = b""
+        store_handle = self.store.handle
+        clients = self._clients
+        conn_id = client.conn_id
+        while True:
+            try:
+                data = await sock.recv(_RECV_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            buf = buf + data if buf else data
+            pos = 0
+            end = len(buf)
+            while end - pos >= _HEADER_SIZE:
+                mtype, req_id, tx_id, length = _unpack_header(buf, pos)
+                if length > XENSTORE_PAYLOAD_MAX:
+                    # cxenstored drops a connection announcing an oversized payload.
+                    self.stats.dropped_oversized += 1
+                    return
+                stop = pos + _HEADER_SIZE + length
+                if stop > end:
+                    break
+                msg = Message(mtype, req_id, tx_id, buf[pos + _HEADER_SIZE : stop])
+                pos = stop
+                for target, out in store_handle(conn_id, msg):
+                    other = clients.get(target)
+                    if other is not None:
+                        self._enqueue(other, out)
+            buf = buf[pos:] if pos < end else b""
+            if client.chunks:
+                await self._flush(client)
+
+    def _enqueue(self, client: _Client, msg: Message) -> None:
+        payload = msg.payload
+        data = _pack_header(msg.type, msg.req_id, msg.tx_id, len(payload)) + payload
+        client.chunks.append(data)
+        client.pending += len(data)
+        if client.pending > self.max_pending_bytes:
+            self.stats.dropped_backlog += 1
+            client.chunks.clear()
+            client.cancel.cancel()
+            return
+        client.wake.set()
+
+    async def _flush(self, client: _Client) -> None:
+        async with client.send_lock:
+            sock = client.sock
+            while client.chunks:
+                data = b"".join(client.chunks) if len(client.chunks) > 1 else client.chunks[0]
+                client.chunks.clear()
+                view = memoryview(data)
+                while view:
+                    sent = await sock.send(view)
+                    view = view[sent:]
+                    client.pending -= sent
+
+    async def _writer(self, client: _Client) -> None:
+        while True:
+            await client.wake.wait()
+            client.wake = trio.Event()
+            try:
+                await self._flush(client)
+            except OSError:
+                client.cancel.cancel()
+                return
+
+
+async def serve_xenstored(
+    socket_path: str | os.PathLike[str],
+    domain_sockets: Mapping[int, str | os.PathLike[str]] | None = None,
+    *,
+    initial: str = "xenstored",
+    store: Store | None = None,
+    quotas: Quotas | None = None,
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+    print_path: bool = False,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run an embedded xenstored until cancelled.
+
+    ``socket_path`` is the privileged socket; ``domain_sockets`` maps a guest domain
+    id to the socket whose clients speak as that domain.  ``initial`` picks the
+    starting tree (``"xenstored"``: as cxenstored starts; ``"domains"``: plus dom0's
+    home and guest domain 1 as domain creation leaves them).  With ``print_path``
+    the line ``XENSTORED_PATH=<socket_path>`` goes to stdout once the sockets accept
+    connections (for a shell to ``eval`` or a parent process to wait for).
+    ``task_status.started()`` receives the :class:`XenstoredServer`.
+    """
+    server = XenstoredServer(
+        socket_path,
+        domain_sockets,
+        store=store,
+        initial=initial,
+        quotas=quotas,
+        max_pending_bytes=max_pending_bytes,
+    )
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        if print_path:
+            print(f"XENSTORED_PATH={server.socket_path}", flush=True)
+            for domid, path in server.domain_sockets.items():
+                print(f"XENSTORED_DOMAIN_PATH_{domid}={path}", flush=True)
+        task_status.started(server)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvpfs.xenstore.server SOCKET [DOMID:PATH ...]``: for tests and
+    scripts that want an embedded xenstored in a separate process."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m kvpfs.xenstore.server SOCKET [--initial NAME] [DOMID:PATH ...]",
+              file=sys.stderr)
+        return 2
+    initial = "xenstored"
+    if "--initial" in args:
+        i = args.index("--initial")
+        initial = args[i + 1]
+        del args[i : i + 2]
+    socket_path, rest = args[0], args[1:]
+    domains: dict[int, str] = {}
+    for item in rest:
+        domid, _, path = item.partition(":")
+        domains[int(domid)] = path
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(_main_async, socket_path, domains, initial)
+    return 0
+
+
+async def _main_async(socket_path: str, domains: dict[int, str], initial: str) -> None:
+    with trio.open_signal_receiver(2, 15) as signals:  # SIGINT, SIGTERM
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_xenstored(
+                    socket_path, domains, initial=initial, print_path=True, task_status=task_status
+                )
+            )
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+if __name__ == "__main__":
+    sys.exit(main())
