@@ -16,7 +16,9 @@ Reads are served from the last parse while ``stat`` proves the file unchanged
 (same inode, size, mtime and ctime).  A timestamp only proves that once the
 clock has moved past it by more than the timestamp granularity: a parse taken
 within :data:`RACY_NS` of the file's last change is not trusted, and the next
-access reads the file again.  Every read of the file happens under the shared
+access reads the file again.  After its own write the pool moves the file's mtime
+back by one nanosecond, to a value no later write can give it, so that a burst
+of writes does not cost a whole-file read each.  Every read of the file happens under the shared
 locks, so a daemon rewrite (truncate, then write) is never seen half done.
 
 Locks are tried without blocking on the trio thread; only when another process
@@ -348,10 +350,23 @@ class PoolFile:
         rec.apply_edit_in_place(self._raw, edit)
 
     def _commit(self, fd: int, records: tuple[Record, ...], first: Mapping[bytes, int]) -> None:
+        """Record the pool as this process just wrote it; the caller still holds the locks."""
         clock = time.time_ns()
         st = os.fstat(fd)
+        settled = _settled(st, clock)
+        if not settled:
+            # Our write's mtime is from the current clock tick, so another writer in the
+            # same tick could leave the stamp as it is.  One nanosecond back, our mtime is
+            # one that no later write can produce, and the parse stays trusted without
+            # reading the whole file again at the next access.
+            try:
+                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns - 1))
+                st = os.fstat(fd)
+                settled = True
+            except OSError:
+                pass  # not the file's owner: the next access re-reads instead
         self._state = PoolState(
-            records, first, len(self._raw), st.st_mtime_ns, _stamp(st), _settled(st, clock)
+            records, first, len(self._raw), st.st_mtime_ns, _stamp(st), settled
         )
 
     # -- descriptor and locks --------------------------------------------------------------

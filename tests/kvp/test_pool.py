@@ -169,6 +169,31 @@ async def test_set_writes_once_whatever_the_pool_size(
     assert written == [2048, RECORD_SIZE]
 
 
+async def test_own_writes_need_no_read_back(
+    pool_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = PoolFile(str(pool_path))
+    await pool.state()
+    await pool.set(b"beta", b"2")
+    await pool.set(b"new", b"3")
+    state = await pool.state()
+    assert state.settled
+
+    def no_read(*args: object) -> bytes:
+        raise AssertionError("the file was read again")
+
+    monkeypatch.setattr(os, "pread", no_read)
+    await pool.set(b"beta", b"4")
+    await pool.delete(b"gamma")  # a delete needs no read either: it knows the bytes
+    assert (await pool.state()).items() == [(b"alpha", b"one"), (b"beta", b"4"), (b"new", b"3")]
+    monkeypatch.undo()
+    # ...and another writer right after, in the same timestamp tick, is still seen.
+    with pool_path.open("r+b") as f:
+        f.seek(512)
+        f.write(b"ONE")
+    assert (await pool.state()).get(b"alpha") == b"ONE"
+
+
 # -- freshness -------------------------------------------------------------------------------
 
 
