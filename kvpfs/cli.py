@@ -273,14 +273,71 @@ def run_unmount(argv: Sequence[str]) -> int:
     return 0 if force_unmount(args.mountpoint) else 1
 
 
+def _domain_socket(text: str) -> tuple[int, str]:
+    domid, sep, path = text.partition(":")
+    if not sep or not domid.isdigit() or not path or not 0 < int(domid) < 0x7FF0:
+        raise argparse.ArgumentTypeError(f"expected DOMID:PATH with a guest domid, got {text!r}")
+    return int(domid), path
+
+
+def run_xenstored(argv: Sequence[str]) -> int:
+    """``kvpfs xenstored --socket PATH``: the embedded xenstored in the foreground."""
+    p = argparse.ArgumentParser(
+        prog="kvpfs xenstored",
+        description="Run kvpfs's embedded xenstored (cxenstored 4.17 compatible) until "
+        "SIGINT/SIGTERM. Prints XENSTORED_PATH=... for the xenstore-* clients.",
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="privileged (dom0) socket")
+    p.add_argument(
+        "--domain-socket",
+        action="append",
+        default=[],
+        type=_domain_socket,
+        metavar="DOMID:PATH",
+        help="a socket whose clients are the unprivileged guest DOMID",
+    )
+    p.add_argument(
+        "--initial",
+        choices=["xenstored", "domains"],
+        default="xenstored",
+        help="starting tree: as cxenstored starts, or with dom0 and guest domain 1",
+    )
+    args = p.parse_args(argv)
+    import signal
+
+    import trio
+
+    from kvpfs.xenstore.server import serve_xenstored
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    functools.partial(
+                        serve_xenstored,
+                        args.socket,
+                        dict(args.domain_socket),
+                        initial=args.initial,
+                        print_path=True,
+                    )
+                )
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except OSError as exc:
+        raise UsageError(f"cannot serve on {args.socket}: {exc.strerror or exc}") from None
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] == "unmount":
             return run_unmount(args[1:])
         if args and args[0] == "xenstored":
-            from kvpfs.xenstore.cli import run_xenstored
-
             return run_xenstored(args[1:])
         return run_mount(parse_mount_args(args))
     except UsageError as exc:
