@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import enum
 import errno
+import select
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +29,9 @@ class NodeKind(enum.Enum):
     DIR = "dir"
     FILE = "file"
     SYMLINK = "symlink"
+    #: A device-like file: every read and write goes to :meth:`Backend.open_stream`'s
+    #: Stream unbuffered, at the caller's size (an emulated character device).
+    STREAM = "stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,24 @@ class Node:
     target: str = ""
     #: Files whose value can change behind the kernel's back are opened with direct_io.
     volatile: bool = True
+
+
+class Stream(ABC):
+    """An open STREAM file.  Reads may wait (a blocking device read)."""
+
+    @abstractmethod
+    async def read(self, size: int) -> bytes: ...
+
+    @abstractmethod
+    async def write(self, data: bytes) -> int: ...
+
+    def poll(self, wake: Callable[[], None] | None) -> int:
+        """The ready mask (select.POLLIN | ...); keep ``wake`` to call when it changes."""
+        return select.POLLIN | select.POLLOUT
+
+    async def release(self) -> None:
+        """The last descriptor of this open file was closed."""
+        return None
 
 
 class ChangeSink(Protocol):
@@ -102,6 +124,10 @@ class Backend(ABC):
         backend cannot move between the two directories.
         """
         raise FsError(errno.EXDEV)
+
+    async def open_stream(self, path: Path, flags: int) -> Stream:
+        """Open the STREAM node at ``path`` (``flags`` as open(2) got them)."""
+        raise FsError(errno.EPERM)
 
     async def mkdir(self, path: Path) -> None:
         raise FsError(errno.EPERM)

@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import select
 import stat
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -24,7 +25,7 @@ import trio
 
 from kvpfs.errors import FsError
 from kvpfs.fs import text
-from kvpfs.fs.backend import Backend, Node, NodeKind, Path
+from kvpfs.fs.backend import Backend, Node, NodeKind, Path, Stream
 from kvpfs.fs.inodes import Inode, InodeTable
 from kvpfs.fs.invalidate import Invalidator
 from kvpfs.fs.overlay import Overlay, ScratchFile
@@ -63,6 +64,7 @@ class OpenFile:
     append: bool
     writable: bool
     scratch: ScratchFile | None = None
+    stream: Stream | None = None
     #: Data changed since the last commit (flush commits only then).
     written: bool = False
     #: Something must reach the store before release (create, O_TRUNC, truncate).
@@ -180,6 +182,11 @@ class Operations(pyfuse3.Operations):
             mode = stat.S_IFLNK | 0o777
             a.st_nlink = 1
             size = len(os.fsencode(node.target))
+        elif node.kind is NodeKind.STREAM:
+            # Like a character device node: owner-only, no size.
+            mode = stat.S_IFREG | (0o600 if node.writable else 0o400)
+            a.st_nlink = 1
+            size = 0
         else:
             mode = stat.S_IFREG | (0o644 if node.writable else 0o444)
             a.st_nlink = 1
@@ -485,6 +492,14 @@ class Operations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
         if writable and not node.writable:
             raise FsError(errno.EROFS)
+        if node.kind is NodeKind.STREAM:
+            stream = await self._call(ino.backend.open_stream(ino.path, flags))
+            handle = self._open_handle(ino, flags, b"", None)
+            handle.stream = stream
+            # Unbuffered, at the caller's sizes, no offsets: a character device.
+            return pyfuse3.FileInfo(
+                fh=handle.fh, direct_io=True, keep_cache=False, nonseekable=True
+            )
         scratch = self.overlay.get(ino.backend, ino.path)
         # libfuse negotiates atomic_o_trunc: the truncation arrives here, not as setattr.
         truncate = bool(flags & os.O_TRUNC) and writable
@@ -530,6 +545,9 @@ class Operations(pyfuse3.Operations):
         handle = self._files.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
+        if handle.stream is not None:
+            # No timeout: a device read legitimately waits until there is data.
+            return await handle.stream.read(size)
         return bytes(handle.buffer[off : off + size])
 
     @fuse_op
@@ -537,6 +555,8 @@ class Operations(pyfuse3.Operations):
         handle = self._files.get(fh)
         if handle is None or not handle.writable:
             raise FsError(errno.EBADF)
+        if handle.stream is not None:
+            return await self._call(handle.stream.write(buf))
         if handle.append:
             # The kernel's idea of the size may be stale (values change behind it).
             off = len(handle.buffer)
@@ -598,7 +618,9 @@ class Operations(pyfuse3.Operations):
             return
         ino = handle.inode
         try:
-            if handle.pending:
+            if handle.stream is not None:
+                await handle.stream.release()
+            elif handle.pending:
                 await self._commit(handle)
         except FsError as exc:
             # close() already returned; all we can do is say so.
@@ -618,6 +640,19 @@ class Operations(pyfuse3.Operations):
                     await self._commit(handle)
                 except (FsError, trio.TooSlowError) as exc:
                     log.error("could not store %s at unmount: %s", "/".join(handle.inode.path), exc)
+
+    @fuse_op
+    async def poll(
+        self,
+        inode: int,
+        fh: int,
+        poll_handle: pyfuse3.PollHandle | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> int:
+        handle = self._files.get(fh)
+        if handle is None or handle.stream is None:
+            return select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
+        return handle.stream.poll(poll_handle.notify if poll_handle is not None else None)
 
     # ---------------------------------------------------------------- names
 
