@@ -434,13 +434,13 @@ class Store:
         mtype = msg.type
         tx: _Tx | None = None
         try:
+            handler = self._handlers.get(mtype)
+            if handler is None:
+                raise StoreError(E.ENOSYS)
             if msg.tx_id and mtype != Op.WATCH and mtype != Op.UNWATCH:
                 tx = conn.transactions.get(msg.tx_id)
                 if tx is None:
                     raise StoreError(E.ENOENT)
-            handler = self._handlers.get(mtype)
-            if handler is None:
-                raise StoreError(E.ENOSYS)
             if not conn.privileged and mtype in self._privileged_ops:
                 raise StoreError(E.EACCES)
             payload = handler(conn, tx, msg, out)

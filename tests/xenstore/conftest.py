@@ -9,12 +9,14 @@ Fixtures (names are stable; other suites use them):
     Socket path (a :class:`ServerPath`) of a fresh cxenstored 4.17 in its own run
     directory, for one test; the process is always killed afterwards.
 ``xenstored_embedded``
-    Socket path of a fresh embedded server for one test.  It runs in a background
-    thread with its own trio loop, so plain (blocking) tests and trio tests can both
-    talk to it without sharing an event loop.  ``.domain_sockets`` maps guest domains
-    1 and 2 to sockets whose clients speak as those unprivileged domains;
-    ``.embedded`` is the :class:`EmbeddedServer` (``call()`` runs a function in the
-    server's loop, e.g. to inspect the store).
+    Socket path of a fresh embedded server for one test, in the state cxenstored
+    starts in.  It runs in a background thread with its own trio loop, so plain
+    (blocking) tests and trio tests can both talk to it without sharing an event
+    loop.  ``.embedded`` is the :class:`EmbeddedServer` (``call()`` runs a function
+    in the server's loop, e.g. to inspect the store).
+``xenstored_guests``
+    Like ``xenstored_embedded`` plus ``.domain_sockets``: guest domains 1 and 2
+    (introduced) on sockets whose clients speak as those unprivileged domains.
 ``xenstored_embedded_process``
     Like ``xenstored_embedded`` but the server is a separate ``python -m
     kvpfs.xenstore.server`` process (``.pid`` set): for fd/memory accounting.
@@ -290,6 +292,11 @@ def embedded_factory() -> Iterator[Callable[..., ServerPath]]:
 
 @pytest.fixture
 def xenstored_embedded(embedded_factory: Callable[..., ServerPath]) -> ServerPath:
+    return embedded_factory(guests=())
+
+
+@pytest.fixture
+def xenstored_guests(embedded_factory: Callable[..., ServerPath]) -> ServerPath:
     return embedded_factory()
 
 
@@ -355,7 +362,18 @@ class RawConn:
     def __init__(self, path: str, timeout: float = 5.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except BlockingIOError:
+                # The listen backlog is full (cxenstored's is small): the server
+                # has not accepted earlier connections yet.
+                if time.monotonic() > deadline:
+                    self.sock.close()
+                    raise
+                time.sleep(0.002)
         self.timeout = timeout
         self._buf = b""
         self.closed = False
@@ -412,9 +430,9 @@ class RawConn:
                 continue
             return msg, events
 
-    def rq(self, mtype: int, payload: bytes = b"", tx_id: int = 0) -> bytes:
+    def rq(self, mtype: int, payload: bytes = b"", tx: int = 0) -> bytes:
         """The reply payload, with ``E:`` before an error name: for short asserts."""
-        reply, _ = self.request(mtype, payload, tx_id)
+        reply, _ = self.request(mtype, payload, tx)
         if reply.type == Op.ERROR:
             return b"E:" + reply.payload.rstrip(b"\0")
         return reply.payload
@@ -532,6 +550,22 @@ def normalise(transcript: Transcript) -> Transcript:
     return out
 
 
+def list_children(conn: RawConn, node: bytes) -> list[bytes]:
+    """A node's children through DIRECTORY_PART (works past DIRECTORY's E2BIG)."""
+    data = b""
+    offset = 0
+    while True:
+        reply = conn.rq(Op.DIRECTORY_PART, node + b"\0" + b"%d\0" % offset)
+        assert not reply.startswith(b"E:"), (node, reply)
+        chunk = reply.split(b"\0", 1)[1]
+        if chunk.endswith(b"\0\0") or chunk == b"\0":
+            data += chunk[:-1]
+            break
+        data += chunk
+        offset += len(chunk)
+    return [n for n in data.split(b"\0") if n]
+
+
 def dump_tree(path: str) -> list[tuple[bytes, bytes, bytes, bytes]]:
     """(path, value, permissions, generation) of every node, top-down in child order,
     read over a fresh connection."""
@@ -542,13 +576,10 @@ def dump_tree(path: str) -> list[tuple[bytes, bytes, bytes, bytes]]:
             node = stack.pop()
             value = c.rq(Op.READ, node + b"\0")
             perms = c.rq(Op.GET_PERMS, node + b"\0")
-            part = c.rq(Op.DIRECTORY_PART, node + b"\0" + b"0\0")
-            gen = part.split(b"\0", 1)[0]
-            children = c.rq(Op.DIRECTORY, node + b"\0")
+            gen = c.rq(Op.DIRECTORY_PART, node + b"\0" + b"0\0").split(b"\0", 1)[0]
             result.append((node, value, perms, gen))
-            names = [n for n in children.split(b"\0") if n]
             base = node if node == b"/" else node + b"/"
-            stack.extend(reversed([base + n for n in names]))
+            stack.extend(reversed([base + n for n in list_children(c, node)]))
     return result
 
 
