@@ -80,6 +80,7 @@ class KvpBackend(Backend):
             )
             self._host_rules[pool_name] = limits == "host" and pool_name == GUEST_POOL
         self._listings: dict[str, tuple[PoolState, list[tuple[str, Node]]]] = {}
+        self._nodes: dict[str, tuple[PoolState, dict[str, Node]]] = {}
         self._sink: ChangeSink | None = None
 
     def pool(self, pool_name: str) -> PoolFile:
@@ -97,17 +98,24 @@ class KvpBackend(Backend):
         state = await pool.state()
         if len(path) == 1:
             return Node(NodeKind.DIR, writable=self._writable[path[0]], mtime_ns=state.mtime_ns)
-        value = state.get(_existing_key(path[1]))
-        if value is None:
-            raise FsError(errno.ENOENT)
+        nodes = self._nodes.get(path[0])
+        if nodes is None or nodes[0] is not state:
+            # Nodes are immutable and depend only on the state: build each once per state.
+            nodes = self._nodes[path[0]] = (state, {})
+        node = nodes[1].get(path[1])
+        if node is None:
+            value = state.get(_existing_key(path[1]))
+            if value is None:
+                raise FsError(errno.ENOENT)
+            node = nodes[1][path[1]] = Node(
+                NodeKind.FILE,
+                size=len(value),
+                writable=self._writable[path[0]],
+                mtime_ns=state.mtime_ns,
+            )
         if len(path) > 2:
             raise FsError(errno.ENOTDIR)
-        return Node(
-            NodeKind.FILE,
-            size=len(value),
-            writable=self._writable[path[0]],
-            mtime_ns=state.mtime_ns,
-        )
+        return node
 
     async def listdir(self, path: Path) -> list[tuple[str, Node]]:
         if not path:

@@ -272,6 +272,7 @@ class PoolFile:
             state = self._reload(fd)
             index = state.first.get(key)
             edit = rec.plan_set(state.first, state.size, key, value)
+            first: Mapping[bytes, int]
             if index is None:
                 self._execute(fd, edit, restore_size=edit.offset)
                 records = (*state.records, Record(key, value))
@@ -279,7 +280,7 @@ class PoolFile:
             else:
                 self._execute(fd, edit)
                 records = _replaced(state.records, index, Record(key, value))
-                first = dict(state.first)
+                first = state.first  # same keys at the same places; never mutated
             self._commit(fd, records, first)
 
     async def delete(self, key: bytes) -> None:
@@ -377,13 +378,21 @@ class PoolFile:
 
         ``create`` makes a missing file, as the daemon creates its pools at startup.
         """
-        async with self._mutex:
+        try:
+            # Uncontended, skip the scheduling round trip of a full acquire: this is
+            # on the path of every write and of every read that finds the file changed.
+            self._mutex.acquire_nowait()
+        except trio.WouldBlock:
+            await self._mutex.acquire()
+        try:
             held = await self._acquire(exclusive, create)
             try:
                 yield None if held is None else held.fd
             finally:
                 if held is not None:
                     self._release(held)
+        finally:
+            self._mutex.release()
 
     async def _acquire(self, exclusive: bool, create: bool) -> _Held | None:
         held: _Held | None = None
@@ -488,7 +497,9 @@ class PoolFile:
 
 
 def _replaced(records: tuple[Record, ...], index: int, record: Record) -> tuple[Record, ...]:
-    return (*records[:index], record, *records[index + 1 :])
+    changed = list(records)
+    changed[index] = record
+    return tuple(changed)
 
 
 def _read_all(fd: int, size_hint: int) -> bytes:
