@@ -306,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     scripts that want an embedded xenstored in a separate process."""
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        print("usage: python -m kvpfs.xenstore.server SOCKET [--initial NAME] [DOMID:PATH ...]",
-              file=sys.stderr)
+        print(
+            "usage: python -m kvpfs.xenstore.server SOCKET [--initial NAME] [DOMID:PATH ...]",
+            file=sys.stderr,
+        )
         return 2
     initial = "xenstored"
     if "--initial" in args:

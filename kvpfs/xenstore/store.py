@@ -1213,5 +1213,3 @@ def _local_off(path: bytes) -> int:
     if j == digits or j >= len(path) or path[j] != 0x2F:
         return 0
     return j + 1
-
-

@@ -521,9 +521,7 @@ CASES: dict[str, tuple[int, list[Step]]] = {
         [
             Raw(
                 0,
-                b"".join(
-                    header(WR, 6, 0, 100 + i) + b"/p%d\0v" % i for i in range(5)
-                )
+                b"".join(header(WR, 6, 0, 100 + i) + b"/p%d\0v" % i for i in range(5))
                 + b"".join(header(RD, 4, 0, 200 + i) + b"/p%d\0" % i for i in range(5))
                 + header(RD, 7, 0, 0xFFFFFFFF)
                 + b"/none\0\0",
