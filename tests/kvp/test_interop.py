@@ -84,6 +84,18 @@ async def test_duplicates_first_for_kvpfs_last_for_hyperkv(pool_dir: Path) -> No
     assert hyperkv(path) == {"dup": "second"}
 
 
+async def test_hyperkv_no_longer_sees_a_partial_tail_after_a_set(pool_dir: Path) -> None:
+    # hyperkv reads a partial tail as one more (bogus) entry; the daemon ignores it.
+    # kvpfs puts a new record where the tail was, as the daemon's rewrite would.
+    path = pool_dir / ".kvp_pool_1"
+    path.write_bytes(encode_record(b"a", b"1") + b"tailkey")
+    assert hyperkv(path) == {"a": "1", "tailke": ""}
+    backend = KvpBackend(str(pool_dir))
+    assert [name for name, _ in await backend.listdir(("guest",))] == ["a"]
+    await backend.write(("guest", "b"), b"2")
+    assert hyperkv(path) == {"a": "1", "b": "2"}
+
+
 def cloud_init(path: Path, count: int, pause_ms: float) -> subprocess.Popen[str]:
     if not (CLOUD_INIT / "cloudinit/reporting/handlers.py").is_file():
         pytest.skip("Debian's cloud-init is not extracted (scripts/setup.sh --test fetches it)")
