@@ -66,6 +66,11 @@ _UNLOCK = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0)
 
 _REOPEN_ATTEMPTS = 5
 
+#: Worker threads one pool may have waiting for locks.  A wait abandoned on timeout
+#: keeps its thread until the other process lets go; a limiter of its own keeps
+#: such threads from using up trio's default one, which the whole mount shares.
+LOCK_WAIT_THREADS = 4
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PoolState:
@@ -141,40 +146,45 @@ def _unlock(fd: int) -> None:
 class _LockWaiter:
     """Blocks in a worker thread for both locks on its own open file description.
 
-    Whoever finishes last (the thread, or the trio side giving up) closes the
-    descriptor, which releases whatever it holds.
+    The descriptor is closed, releasing whatever it holds, by the thread if the
+    trio side gave up while it was blocked, and otherwise by whoever owns the
+    outcome: the caller after a success, :meth:`abandon` in every other case.
     """
 
     def __init__(self, fd: int, exclusive: bool) -> None:
         self.fd = fd
         self._exclusive = exclusive
         self._guard = threading.Lock()
-        self._state = "waiting"  # → locked | failed | abandoned
+        self._state = "waiting"  # → blocking → locked | failed; abandoned from any
 
     def wait(self) -> None:
+        with self._guard:
+            if self._state == "abandoned":
+                return  # given up before the thread ran: the descriptor is already closed
+            self._state = "blocking"
         try:
             fcntl.fcntl(
                 self.fd, fcntl.F_OFD_SETLKW, _WRITE_LOCK if self._exclusive else _READ_LOCK
             )
             fcntl.flock(self.fd, fcntl.LOCK_EX if self._exclusive else fcntl.LOCK_SH)
         except BaseException:
-            with self._guard:
-                abandoned = self._state == "abandoned"
-                self._state = "failed"
-            if abandoned:
-                os.close(self.fd)
+            self._finish("failed")
             raise
+        self._finish("locked")
+
+    def _finish(self, outcome: str) -> None:
         with self._guard:
             abandoned = self._state == "abandoned"
-            self._state = "locked"
+            self._state = outcome
         if abandoned:
             os.close(self.fd)
 
     def abandon(self) -> None:
+        """The trio side gives up (timeout, cancellation, failure)."""
         with self._guard:
-            close_now = self._state != "waiting"
+            blocking = self._state == "blocking"
             self._state = "abandoned"
-        if close_now:
+        if not blocking:
             os.close(self.fd)
 
 
@@ -206,6 +216,7 @@ class PoolFile:
         self._fd_id: tuple[int, int] = (0, 0)
         self._fd_writable = False
         self._mutex = trio.Lock()
+        self._waiters = trio.CapacityLimiter(LOCK_WAIT_THREADS)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -474,7 +485,9 @@ class PoolFile:
         waiter = _LockWaiter(fresh, exclusive)
         try:
             with trio.move_on_after(self.lock_timeout):
-                await trio.to_thread.run_sync(waiter.wait, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(
+                    waiter.wait, abandon_on_cancel=True, limiter=self._waiters
+                )
                 return fresh
         except BaseException:
             waiter.abandon()

@@ -335,6 +335,24 @@ async def test_lock_timeout_leaves_no_lock_behind(pool_path: Path) -> None:
         await pool.set(b"beta", b"x")
 
 
+async def test_abandoned_waits_do_not_leak_threads_or_descriptors(pool_path: Path) -> None:
+    pool = PoolFile(str(pool_path), lock_timeout=0.05)
+    await pool.state()
+    baseline = len(os.listdir("/proc/self/fd"))
+    with lock_held(pool_path, "ofd", seconds=30):
+        # More timeouts than the pool has wait threads: the extra ones time out
+        # while queued for a thread, before any thread runs for them.
+        for _ in range(pool_mod.LOCK_WAIT_THREADS + 3):
+            with pytest.raises(FsError) as info:
+                await pool.set(b"beta", b"x")
+            assert info.value.errno == errno.ETIMEDOUT
+    with trio.fail_after(5):
+        while len(os.listdir("/proc/self/fd")) > baseline:
+            await trio.sleep(0.02)
+        await pool.set(b"beta", b"x")
+    assert (await pool.state()).get(b"beta") == b"x"
+
+
 async def test_takes_ofd_then_flock_and_releases_both(
     pool_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
