@@ -110,7 +110,10 @@ def key_to_name(key: bytes) -> str:
 
 
 def _decode_escapes(name: str) -> bytes:
-    raw = os.fsencode(name)
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError as exc:  # a surrogate that no filename decodes to
+        raise InvalidName(f"not a filename: {name!r}") from exc
     if b"%" not in raw:
         return raw
     parts = raw.split(b"%")

@@ -117,6 +117,7 @@ def test_examples(key: bytes, name: str) -> None:
         "tab\there",
         "\x85",
         os.fsdecode(b"\xff"),  # raw invalid UTF-8 from the kernel
+        "\ud800",  # not even a filename
         "%2",
         "a%",
     ],
