@@ -291,14 +291,23 @@ async def serve_xenstored(
         quotas=quotas,
         max_pending_bytes=max_pending_bytes,
     )
+    # No nursery of our own: a bind error reaches the caller as the plain OSError.
+    await server.serve(task_status=_Started(task_status, print_path))
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        if print_path:
+
+class _Started:
+    """Forwards ``started()`` after printing the socket paths if asked to."""
+
+    def __init__(self, task_status: Any, print_path: bool) -> None:
+        self._task_status = task_status
+        self._print = print_path
+
+    def started(self, server: XenstoredServer) -> None:
+        if self._print:
             print(f"XENSTORED_PATH={server.socket_path}", flush=True)
             for domid, path in server.domain_sockets.items():
                 print(f"XENSTORED_DOMAIN_PATH_{domid}={path}", flush=True)
-        task_status.started(server)
+        self._task_status.started(server)
 
 
 def main(argv: list[str] | None = None) -> int:

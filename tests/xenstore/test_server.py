@@ -1,0 +1,286 @@
+"""The embedded server's transport: framing errors, bounded memory, connection churn,
+domain sockets, cancellation and shutdown."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from kvpfs.xenstore.protocol import HEADER, Op
+from kvpfs.xenstore.server import XenstoredServer, serve_xenstored
+
+from .conftest import ConnectionClosed, RawConn, ServerPath, header
+
+
+def z(*parts: bytes) -> bytes:
+    return b"".join(p + b"\0" for p in parts)
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# --------------------------------------------------------------------------- framing
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        header(Op.WRITE, 4097) + b"/t\0",
+        header(Op.READ, 0xFFFFFFFF),
+        header(Op.READ, 5000)[:16],
+    ],
+    ids=["4097", "u32-max", "header-only"],
+)
+def test_oversized_length_drops_only_that_connection(
+    xenstored_embedded: ServerPath, data: bytes
+) -> None:
+    with RawConn(xenstored_embedded) as bystander, RawConn(xenstored_embedded) as c:
+        assert bystander.rq(Op.WATCH, z(b"/t", b"tok")) == b"OK\0"
+        bystander.recv()
+        c.send_raw(data)
+        assert c.is_dropped()
+        reply, events = bystander.request(Op.WRITE, b"/t\0v")
+        assert reply.payload == b"OK\0"
+        assert [e.payload for e in events] == [b"/t\0tok\0"]
+
+
+def test_partial_frame_then_close_is_harmless(xenstored_embedded: ServerPath) -> None:
+    for _ in range(3):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(xenstored_embedded)
+        s.sendall(header(Op.WRITE, 10) + b"/par")
+        s.close()
+    with RawConn(xenstored_embedded) as c:
+        assert c.rq(Op.READ, z(b"/par")) == b"E:ENOENT"
+
+
+def test_maximum_payload_accepted(xenstored_embedded: ServerPath) -> None:
+    with RawConn(xenstored_embedded) as c:
+        payload = b"/m\0" + b"v" * (4096 - 3)
+        assert c.rq(Op.WRITE, payload) == b"OK\0"
+        assert c.rq(Op.READ, z(b"/m")) == b"v" * 4093
+
+
+def test_pipelined_requests_answered_in_order(xenstored_embedded: ServerPath) -> None:
+    with RawConn(xenstored_embedded) as c:
+        frames = [HEADER.pack(Op.WRITE, i, 0, 7) + b"/p\0%04d" % i for i in range(500)]
+        frames += [HEADER.pack(Op.READ, 1000 + i, 0, 3) + b"/p\0" for i in range(500)]
+        c.send_raw(b"".join(frames))
+        ids = [c.recv().req_id for _ in range(1000)]  # type: ignore[union-attr]
+        assert ids == list(range(500)) + [1000 + i for i in range(500)]
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def test_reader_that_never_reads_is_dropped_at_the_bound(
+    embedded_factory: Callable[..., ServerPath],
+) -> None:
+    """Events for a client that never reads pile up only to ``max_pending_bytes``;
+    past it the server drops that client, and everyone else carries on."""
+    path = embedded_factory(guests=(), max_pending_bytes=64 * 1024)
+    assert path.embedded is not None
+    sleeper = socket.socket(socket.AF_UNIX)
+    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sleeper.connect(path)
+    sleeper.sendall(HEADER.pack(Op.WATCH, 0, 0, 6) + b"/\0tok\0")
+    with RawConn(path) as writer:
+        value = b"v"
+        long_name = b"x" * 1000  # events carry the path, so make them big
+        for i in range(2000):
+            assert writer.rq(Op.WRITE, b"/k%d%s\0" % (i, long_name) + value) == b"OK\0"
+            if path.embedded.call(lambda: path.embedded.server.stats.dropped_backlog):  # type: ignore[union-attr]
+                break
+        stats = path.embedded.call(lambda: path.embedded.server.stats)  # type: ignore[union-attr]
+        assert stats.dropped_backlog == 1
+        assert path.embedded.call(lambda: path.embedded.server.connection_count) == 1  # type: ignore[union-attr]
+        assert writer.rq(Op.READ, z(b"/k0" + long_name)) == value
+    # The dropped client sees the end of the stream after what was sent in time.
+    sleeper.settimeout(5)
+    received = b""
+    while chunk := sleeper.recv(65536):
+        received += chunk
+    sleeper.close()
+    assert len(received) < 64 * 1024 + 4 * 65536
+
+
+def test_client_that_sends_without_reading_stalls_only_itself(
+    xenstored_embedded: ServerPath,
+) -> None:
+    """Replies are written before more requests are read: a flood of requests from a
+    client that never reads its replies stays in the kernel buffers."""
+    flood = socket.socket(socket.AF_UNIX)
+    flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    flood.connect(xenstored_embedded)
+    flood.setblocking(False)
+    frame = HEADER.pack(Op.READ, 0, 0, 6) + b"/tool\0"
+    sent = 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        try:
+            sent += flood.send(frame * 256)
+        except BlockingIOError:
+            time.sleep(0.01)
+            try:
+                sent += flood.send(frame * 256)
+            except BlockingIOError:
+                break
+    assert sent < 50 * 1024 * 1024  # the server stopped reading
+    with RawConn(xenstored_embedded) as other:
+        assert other.rq(Op.READ, z(b"/tool")) == b""
+    flood.close()
+
+
+def test_thousands_of_connections_no_fd_or_memory_leak(
+    xenstored_embedded_process: ServerPath,
+) -> None:
+    path = xenstored_embedded_process
+    assert path.pid is not None
+
+    def cycle(n: int) -> None:
+        for i in range(n):
+            with RawConn(path) as c:
+                if i % 3 == 0:
+                    c.send(Op.WATCH, z(b"/churn", b"t%d" % i))
+                    c.recv()
+                    c.recv()
+                if i % 5 == 0:
+                    c.send(Op.TRANSACTION_START, b"\0")
+                    c.recv()
+                assert c.rq(Op.WRITE, b"/churn\0%d" % i) == b"OK\0"
+
+    cycle(300)  # warm up allocator pools
+    fds, rss = _fd_count(path.pid), _rss_kib(path.pid)
+    cycle(3000)
+    deadline = time.monotonic() + 5
+    while _fd_count(path.pid) > fds and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _fd_count(path.pid) <= fds
+    assert _rss_kib(path.pid) < rss + 4096
+    with RawConn(path) as c:
+        # no watch or transaction of a closed connection survives
+        assert c.rq(Op.CONTROL, z(b"quota", b"0")).startswith(b"Domain 0:\n")
+        assert c.rq(Op.WRITE, b"/churn\0last") == b"OK\0"
+        assert c.recv(timeout=0.1) is None
+
+
+# --------------------------------------------------------------------------- domains
+
+
+def test_domain_socket_speaks_as_the_guest(xenstored_guests: ServerPath) -> None:
+    dom1 = xenstored_guests.domain_sockets[1]
+    with RawConn(xenstored_guests) as dom0, RawConn(dom1) as guest:
+        assert dom0.rq(Op.IS_DOMAIN_INTRODUCED, z(b"1")) == b"T\0"
+        assert guest.rq(Op.WRITE, b"x\0v") == b"E:EACCES"
+        assert dom0.rq(Op.MKDIR, z(b"/local/domain/1")) == b"OK\0"
+        assert dom0.rq(Op.SET_PERMS, z(b"/local/domain/1", b"n1", b"r0")) == b"OK\0"
+        assert guest.rq(Op.WRITE, b"x\0v") == b"OK\0"
+        assert guest.rq(Op.GET_PERMS, z(b"x")) == b"n1\0r0\0"
+        assert dom0.rq(Op.READ, z(b"/local/domain/1/x")) == b"v"
+        assert guest.rq(Op.READ, z(b"/tool")) == b"E:EACCES"
+        assert guest.rq(Op.INTRODUCE, z(b"9", b"1", b"1")) == b"E:EACCES"
+        assert guest.rq(Op.GET_DOMAIN_PATH, z(b"1")) == b"/local/domain/1\0"
+
+
+def test_domain_zero_cannot_be_a_domain_socket(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        XenstoredServer(str(tmp_path / "s"), {0: str(tmp_path / "d0")})
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+async def test_in_process_start_shutdown_closes_clients_and_removes_sockets(
+    tmp_path: Path,
+) -> None:
+    sock = str(tmp_path / "xs.sock")
+    dom = str(tmp_path / "d5.sock")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server: XenstoredServer = await nursery.start(
+                lambda task_status: serve_xenstored(
+                    sock, {5: dom}, initial="domains", task_status=task_status
+                )
+            )
+            assert os.path.exists(sock) and os.path.exists(dom)
+            client = trio.socket.socket(socket.AF_UNIX)
+            await client.connect(sock)
+            request = b"/local/domain/1/name\0"
+            await client.send(HEADER.pack(Op.READ, 1, 0, len(request)) + request)
+            reply = await client.recv(100)
+            assert reply[16:] == b"guest1"
+            assert server.connection_count == 1
+            nursery.cancel_scope.cancel()
+        assert await client.recv(100) == b""  # closed by the shutdown
+        client.close()
+    assert not os.path.exists(sock) and not os.path.exists(dom)
+
+
+async def test_print_path_and_stale_socket_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = str(tmp_path / "xs.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(sock)
+    stale.close()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: serve_xenstored(sock, print_path=True, task_status=task_status)
+        )
+        nursery.cancel_scope.cancel()
+    assert capsys.readouterr().out == f"XENSTORED_PATH={sock}\n"
+    assert not os.path.exists(sock)
+
+
+async def test_bind_failure_raises_and_leaves_nothing(tmp_path: Path) -> None:
+    sock = str(tmp_path / "xs.sock")
+    bad = str(tmp_path / "missing-dir" / "d.sock")
+    with pytest.raises(FileNotFoundError):
+        await serve_xenstored(sock, {3: bad})
+    assert not os.path.exists(sock)
+
+
+async def test_cancelled_while_clients_are_mid_request(tmp_path: Path) -> None:
+    sock = str(tmp_path / "xs.sock")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_xenstored(sock, task_status=task_status))
+            clients = []
+            for _ in range(20):
+                c = trio.socket.socket(socket.AF_UNIX)
+                await c.connect(sock)
+                await c.send(header(Op.WRITE, 20))  # header only: server waits for more
+                clients.append(c)
+            await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    for c in clients:
+        assert await c.recv(10) == b""
+        c.close()
+
+
+def test_server_process_stops_on_sigterm(xenstored_embedded_process: ServerPath) -> None:
+    with RawConn(xenstored_embedded_process) as c:
+        assert c.rq(Op.READ, z(b"/tool")) == b""
+    assert xenstored_embedded_process.pid is not None
+    os.kill(xenstored_embedded_process.pid, 15)
+    deadline = time.monotonic() + 10
+    while os.path.exists(xenstored_embedded_process) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not os.path.exists(xenstored_embedded_process)
+    with pytest.raises((ConnectionClosed, OSError)):
+        RawConn(xenstored_embedded_process, timeout=0.2).rq(Op.READ, z(b"/tool"))
