@@ -28,13 +28,20 @@ valid name one key; a name that is not canonical can neither be found nor
 created.
 
 Names are ``str`` as the FUSE layer handles them (``os.fsdecode`` of the kernel's
-bytes); a key's name contains only valid UTF-8 and never ``/`` or NUL.  Because
-an escape is three bytes, a name can be up to three times as long as its key:
-:data:`MAX_NAME_BYTES` (1533) for a 511-byte key made only of escaped bytes.
+bytes); a key's name contains only valid UTF-8 and never ``/`` or NUL.
+
+The kernel refuses filenames over 1024 bytes on a FUSE mount (FUSE_NAME_MAX),
+and an escape is three bytes, so a long key full of escaped bytes could have no
+usable name.  A key whose escaped name would exceed :data:`NAME_LIMIT` is named
+``%=`` followed by the unpadded URL-safe base64 of the key instead (at most 684
+bytes for a 511-byte key).  That form is canonical only for such keys, so the
+one-name-per-key rule still holds.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 
@@ -43,8 +50,12 @@ from kvpfs.kvp.records import MAX_KEY_BYTES
 
 #: The filename of the empty key.
 EMPTY_KEY_NAME = "%00"
-#: Longest filename (in bytes) of any key the format can hold.
-MAX_NAME_BYTES = 3 * MAX_KEY_BYTES
+#: Longest filename the kernel passes to a FUSE filesystem (FUSE_NAME_MAX).
+NAME_LIMIT = 1024
+#: Prefix of the compact name of a key whose escaped name would exceed NAME_LIMIT.
+COMPACT_PREFIX = "%="
+#: Longest filename (in bytes) of any key the format can hold: its compact form.
+MAX_NAME_BYTES = len(COMPACT_PREFIX) + (4 * MAX_KEY_BYTES + 2) // 3
 
 # Keys made only of printable ASCII other than % and / are their own names
 # (apart from the leading-dot and scratch rules); most real keys are like this.
@@ -54,6 +65,7 @@ _PLAIN_ASCII = re.compile(rb"[\x20-\x24\x26-\x2e\x30-\x7e]*")
 _NEEDS_ESCAPE = re.compile("[\x00-\x1f\x7f-\x9f%/\udc80-\udcff]")
 _ESCAPE = re.compile(rb"%([0-9a-f]{2})")
 _SCRATCH_TMP = ".tmp"
+_COMPACT = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class InvalidName(ValueError):
@@ -106,7 +118,19 @@ def key_to_name(key: bytes) -> str:
         name = "%2e" + name[1:]
     if is_scratch_name(name):
         name = _unscratch(name)
+    if len(name) > NAME_LIMIT // 4 and len(os.fsencode(name)) > NAME_LIMIT:
+        return COMPACT_PREFIX + base64.urlsafe_b64encode(key).rstrip(b"=").decode("ascii")
     return name
+
+
+def _decode_compact(name: str) -> bytes:
+    text = name[len(COMPACT_PREFIX) :]
+    if not _COMPACT.fullmatch(text):
+        raise InvalidName(f"bad compact name {name!r}")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, binascii.Error) as exc:
+        raise InvalidName(f"bad compact name {name!r}") from exc
 
 
 def _decode_escapes(name: str) -> bytes:
@@ -134,7 +158,8 @@ def name_to_key(name: str) -> bytes:
     """
     if name == EMPTY_KEY_NAME:
         return b""
-    key = _decode_escapes(name)
+    decode = _decode_compact if name.startswith(COMPACT_PREFIX) else _decode_escapes
+    key = decode(name)
     if not key or b"\0" in key or key_to_name(key) != name:
         raise InvalidName(f"not the canonical name of a key: {name!r}")
     return key

@@ -43,7 +43,8 @@ def test_names_are_safe(key: bytes) -> None:
     assert b"/" not in raw and b"\0" not in raw
     assert not is_scratch_name(name)
     raw.decode("utf-8")  # always valid UTF-8, whatever the key
-    assert len(raw) <= max(3 * len(key), 3) <= MAX_NAME_BYTES
+    assert len(raw) <= max(3 * len(key), 3)
+    assert len(raw) <= names.NAME_LIMIT  # FUSE_NAME_MAX: every key stays reachable
     assert all(0x20 <= b != 0x7F for b in raw if b < 0x80)  # no control characters
 
 
@@ -129,6 +130,30 @@ def test_non_canonical_names_are_refused(name: str) -> None:
 
 
 def test_longest_name() -> None:
-    assert MAX_NAME_BYTES == 1533
+    assert MAX_NAME_BYTES == 684
     assert len(key_to_name(b"\xff" * 511)) == MAX_NAME_BYTES
     assert len(key_to_name(b"a" * 511)) == 511
+
+
+@pytest.mark.parametrize(
+    "key",
+    [b"/" * 511, b"\xff" * 342, b"%" * 400 + b"x" * 111, bytes(range(1, 256)) * 2 + b"z"],
+)
+def test_keys_whose_escaped_name_is_too_long_get_the_compact_name(key: bytes) -> None:
+    name = key_to_name(key)
+    assert name.startswith(names.COMPACT_PREFIX)
+    assert len(os.fsencode(name)) <= names.NAME_LIMIT
+    assert name_to_key(name) == key
+
+
+def test_compact_form_is_only_canonical_when_needed() -> None:
+    import base64
+
+    short = names.COMPACT_PREFIX + base64.urlsafe_b64encode(b"abc").decode().rstrip("=")
+    with pytest.raises(InvalidName):
+        name_to_key(short)
+    long_key = b"/" * 400
+    name = key_to_name(long_key)
+    with pytest.raises(InvalidName):
+        name_to_key(name + "=")
+    assert key_to_name(b"/" * 341) == "%2f" * 341  # 1023 bytes: still escaped

@@ -132,6 +132,8 @@ KEYS = [
     b"backup~",
     b"CLOUD_INIT|1700000000|start|init-local/search|0123",
     b"x" * 511,
+    b"/" * 511,  # escaped it would be 1533 bytes, past FUSE's 1024: the compact name
+    b"\xff" * 300 + b"z",
 ]
 
 
