@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Throughput of the embedded xenstored against cxenstored 4.17, same client, same run.
+
+Usage: .venv/bin/python scripts/bench_xenstore.py [--seconds S] [--nodes N]
+
+Both servers run as separate processes (the embedded one as ``python -m
+kvpfs.xenstore.server``; cxenstored under the test shim of tests/xenstore/fakexen.c,
+compiled into a temporary directory).  One plain blocking client (raw sockets plus
+kvpfs.xenstore.protocol framing) drives both, so the client cost is identical.
+Prints operations per second for each workload and the ratio embedded/cxenstored,
+then the resident memory of the embedded server holding N nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kvpfs.xenstore.protocol import HEADER, Op  # noqa: E402
+
+XENSTORED = "/usr/lib/xen-4.17/bin/xenstored"
+SHIM = REPO / "tests" / "xenstore" / "fakexen.c"
+
+_pack = HEADER.pack
+_unpack = HEADER.unpack_from
+
+
+class Client:
+    """Minimal blocking client: send frames, read whole replies, skip nothing."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        for _ in range(500):
+            try:
+                self.sock.connect(path)
+                break
+            except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+                time.sleep(0.01)
+        self.buf = b""
+
+    def send(self, mtype: int, payload: bytes, tx: int = 0, rid: int = 0) -> None:
+        self.sock.sendall(_pack(mtype, rid, tx, len(payload)) + payload)
+
+    def recv(self) -> tuple[int, int, int, bytes]:
+        buf = self.buf
+        while True:
+            if len(buf) >= 16:
+                t, r, x, n = _unpack(buf)
+                if len(buf) >= 16 + n:
+                    self.buf = buf[16 + n :]
+                    return t, r, x, buf[16 : 16 + n]
+            data = self.sock.recv(262144)
+            if not data:
+                raise ConnectionError("server closed")
+            buf += data
+
+    def rq(self, mtype: int, payload: bytes, tx: int = 0) -> bytes:
+        self.send(mtype, payload, tx)
+        while True:
+            t, _, _, p = self.recv()
+            if t != Op.WATCH_EVENT:
+                if t == Op.ERROR:
+                    raise OSError(p.decode())
+                return p
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- servers
+
+
+class Server:
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], path: str, tmp: str) -> None:
+        self.name = name
+        self.proc = proc
+        self.path = path
+        self.tmp = tmp
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def start_embedded() -> Server:
+    tmp = tempfile.mkdtemp(prefix="bxe-")
+    path = os.path.join(tmp, "sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvpfs.xenstore.server", path],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    return Server("embedded", proc, path, tmp)
+
+
+def start_real(shim: str) -> Server:
+    tmp = tempfile.mkdtemp(prefix="bxr-")
+    env = dict(os.environ, XENSTORED_RUNDIR=tmp, LD_PRELOAD=shim)
+    proc = subprocess.Popen(
+        [XENSTORED, "-N", "-F", os.path.join(tmp, "pid")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    path = os.path.join(tmp, "socket")
+    for _ in range(500):
+        if os.path.exists(path):
+            break
+        time.sleep(0.01)
+    return Server("cxenstored", proc, path, tmp)
+
+
+def build_shim() -> str | None:
+    if not os.path.exists(XENSTORED) or shutil.which("gcc") is None:
+        return None
+    out = os.path.join(tempfile.mkdtemp(prefix="bxs-"), "fakexen.so")
+    cmd = ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-o", out, str(SHIM), "-ldl"]
+    if subprocess.run(cmd, capture_output=True, check=False).returncode != 0:
+        return None
+    return out
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def timed(seconds: float, batch: Callable[[], int]) -> float:
+    """Operations per second of ``batch`` (which returns its operation count)."""
+    batch()  # warm-up
+    done = 0
+    start = time.perf_counter()
+    while True:
+        done += batch()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return done / elapsed
+
+
+def sequential_reads(path: str, seconds: float) -> float:
+    c = Client(path)
+    c.rq(Op.WRITE, b"/bench/r\0value")
+    req = b"/bench/r\0"
+
+    def batch() -> int:
+        for _ in range(200):
+            c.rq(Op.READ, req)
+        return 200
+
+    try:
+        return timed(seconds, batch)
+    finally:
+        c.close()
+
+
+def pipelined_reads(path: str, seconds: float, depth: int = 64) -> float:
+    c = Client(path)
+    c.rq(Op.WRITE, b"/bench/r\0value")
+    frame = _pack(Op.READ, 0, 0, 9) + b"/bench/r\0"
+
+    def batch() -> int:
+        # Keep ``depth`` requests in flight: top up as replies come back.
+        total = 2000
+        sent = min(depth, total)
+        c.sock.sendall(frame * sent)
+        got = 0
+        while got < total:
+            c.recv()
+            got += 1
+            if sent < total:
+                c.sock.sendall(frame)
+                sent += 1
+        return total
+
+    try:
+        return timed(seconds, batch)
+    finally:
+        c.close()
+
+
+def sequential_writes(path: str, seconds: float) -> float:
+    c = Client(path)
+    counter = [0]
+
+    def batch() -> int:
+        for _ in range(200):
+            counter[0] += 1
+            c.rq(Op.WRITE, b"/bench/w/%d\0value" % (counter[0] % 1000))
+        return 200
+
+    try:
+        return timed(seconds, batch)
+    finally:
+        c.close()
+
+
+def transaction_commits(path: str, seconds: float) -> float:
+    """START, READ, WRITE, END T: one committed transaction per operation."""
+    c = Client(path)
+    c.rq(Op.WRITE, b"/bench/tx\0" + b"0")
+
+    def batch() -> int:
+        for _ in range(50):
+            tx = int(c.rq(Op.TRANSACTION_START, b"\0")[:-1])
+            value = c.rq(Op.READ, b"/bench/tx\0", tx)
+            c.rq(Op.WRITE, b"/bench/tx\0" + value, tx)
+            c.rq(Op.TRANSACTION_END, b"T\0", tx)
+        return 50
+
+    try:
+        return timed(seconds, batch)
+    finally:
+        c.close()
+
+
+def fan_out(path: str, seconds: float, watchers: int = 100) -> float:
+    """One write, its reply and the event at each of ``watchers`` connections."""
+    conns = [Client(path) for _ in range(watchers)]
+    for i, w in enumerate(conns):
+        w.rq(Op.WATCH, b"/bench/fan\0t%d\0" % i)
+        w.recv()  # initial event
+    c = Client(path)
+
+    def batch() -> int:
+        for _ in range(20):
+            c.rq(Op.WRITE, b"/bench/fan\0v")
+            for w in conns:
+                w.recv()
+        return 20
+
+    try:
+        return timed(seconds, batch)
+    finally:
+        for w in [*conns, c]:
+            w.close()
+
+
+def rss_with_nodes(nodes: int) -> tuple[float, float]:
+    """(RSS MiB of a fresh embedded server, RSS MiB holding ``nodes`` more nodes)."""
+    server = start_embedded()
+    try:
+        base = _rss_mib(server.proc.pid)
+        c = Client(server.path)
+        frames = []
+        for i in range(nodes):
+            # 100 directories of 1000 nodes, names and values of realistic size.
+            payload = b"/local/domain/%d/device/vbd/%d/state\0%d" % (i // 1000, i % 1000, i % 7)
+            frames.append(_pack(Op.WRITE, i, 0, len(payload)) + payload)
+            if len(frames) == 256:
+                c.sock.sendall(b"".join(frames))
+                for _ in frames:
+                    c.recv()
+                frames = []
+        if frames:
+            c.sock.sendall(b"".join(frames))
+            for _ in frames:
+                c.recv()
+        c.close()
+        time.sleep(0.2)
+        return base, _rss_mib(server.proc.pid)
+    finally:
+        server.stop()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+WORKLOADS: list[tuple[str, Callable[[str, float], float]]] = [
+    ("sequential reads", sequential_reads),
+    ("pipelined reads (64 in flight)", pipelined_reads),
+    ("sequential writes", sequential_writes),
+    ("transaction commits", transaction_commits),
+    ("write fanned out to 100 watchers", fan_out),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="per workload and server")
+    parser.add_argument("--nodes", type=int, default=100_000)
+    args = parser.parse_args()
+
+    shim = build_shim()
+    if shim is None:
+        print("cxenstored 4.17 or gcc missing: only the embedded server is measured")
+    rows = []
+    for name, fn in WORKLOADS:
+        results: dict[str, float] = {}
+        for start in [start_embedded, *([lambda: start_real(shim)] if shim else [])]:
+            server = start()
+            try:
+                results[server.name] = fn(server.path, args.seconds)
+            finally:
+                server.stop()
+        rows.append((name, results))
+
+    print(f"{'workload':34} {'embedded/s':>12} {'cxenstored/s':>13} {'ratio':>7}")
+    for name, results in rows:
+        emb = results["embedded"]
+        real = results.get("cxenstored")
+        ratio = f"{emb / real:6.2f}x" if real else "   n/a"
+        real_s = f"{real:13.0f}" if real else f"{'n/a':>13}"
+        print(f"{name:34} {emb:12.0f} {real_s} {ratio:>7}")
+    base, full = rss_with_nodes(args.nodes)
+    print(f"embedded RSS: {base:.1f} MiB at start, {full:.1f} MiB holding {args.nodes} more nodes")
+    if shim:
+        shutil.rmtree(os.path.dirname(shim), ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
