@@ -375,6 +375,10 @@ class Operations(pyfuse3.Operations):
             child = (*path, name)
             if self.overlay.is_hidden(backend, child):
                 continue
+            if len(os.fsencode(name)) > FUSE_NAME_MAX:
+                # The kernel rejects such an entry and with it the whole listing.
+                log.warning("%s: name longer than %d bytes not listed", backend.name, FUSE_NAME_MAX)
+                continue
             seen.add(name)
             entries.append((name, self.inodes.ensure(backend, child), node))
         for name, scratch in self.overlay.names_in(backend, path):
