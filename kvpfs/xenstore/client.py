@@ -550,6 +550,14 @@ class XenStoreClient(_Ops):
             await self._connected.wait()
 
     async def _open(self) -> trio.abc.Stream:
+        """A new stream; OSError (ETIMEDOUT after ``timeout``) when none can be had."""
+        try:
+            with trio.fail_after(math.inf if self.timeout is None else self.timeout):
+                return await self._open_now()
+        except trio.TooSlowError:
+            raise OSError(errno.ETIMEDOUT, "connecting to xenstored timed out") from None
+
+    async def _open_now(self) -> trio.abc.Stream:
         if self._connect is not None:
             self.endpoint = "<custom>"
             return await self._connect()

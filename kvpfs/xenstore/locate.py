@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 from collections.abc import Mapping
 
@@ -54,11 +55,38 @@ def candidates(env: Mapping[str, str] | None = None) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+async def connect_unix(path: str) -> trio.SocketStream:
+    """``connect(AF_UNIX)`` that waits, as a blocking connect does, while the
+    server's listen backlog is full.
+
+    On Linux a non-blocking connect to a unix socket with a full backlog fails with
+    EAGAIN, not EINPROGRESS, and leaves the socket unconnected; trio's
+    ``open_unix_socket`` takes that for "in progress" and hands back a socket whose
+    first ``recv`` fails with EINVAL.  cxenstored listens with a backlog of 1, so two
+    clients connecting at once hit this.  Here the connect is simply retried.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        delay = 0.0005
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def open_path(path: str) -> trio.abc.Stream:
     """Connect to a socket or open a device/FIFO-like file read-write."""
     st = os.stat(path)
     if stat.S_ISSOCK(st.st_mode):
-        return await trio.open_unix_socket(path)
+        return await connect_unix(path)
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
     try:
         return trio.lowlevel.FdStream(fd)

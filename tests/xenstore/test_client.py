@@ -1,9 +1,6 @@
-"""kvpfs.xenstore.client against real servers: cxenstored 4.17 under the test shim.
-
-Every test gets a fresh daemon in its own run directory and stops it afterwards, also
-when the test fails.  The suite skips when xen-utils-4.17, the shim source or gcc is
-missing.
-"""
+"""kvpfs.xenstore.client against real servers: every test runs on the embedded server
+and on cxenstored 4.17 under the test shim (fixtures of conftest.py; the cxenstored
+half skips when xen-utils-4.17, gcc or the Xen headers are missing)."""
 
 from __future__ import annotations
 
@@ -11,8 +8,7 @@ import errno
 import os
 import shutil
 import signal
-import subprocess
-import time
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,83 +26,63 @@ from kvpfs.xenstore.client import (
 )
 from kvpfs.xenstore.protocol import Access, Op, Perm
 
-XENSTORED = Path("/usr/lib/xen-4.17/bin/xenstored")
-SHIM_SOURCE = Path(__file__).with_name("fakexen.c")
-
-pytestmark = pytest.mark.realxen
+from .conftest import EmbeddedServer, RealDaemon, ServerPath
 
 
-class Daemon:
-    """One cxenstored process serving ``socket`` in ``rundir``; restartable."""
+class Restartable:
+    """A server that can be stopped and started again on the same socket path."""
 
-    def __init__(self, rundir: Path, shim: Path) -> None:
-        self.rundir = rundir
-        self.shim = shim
-        self.socket = str(rundir / "socket")
-        self.proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, kind: str, request: pytest.FixtureRequest) -> None:
+        self.kind = kind
+        self.dir = Path(tempfile.mkdtemp(prefix="xsr-"))  # short: socket paths <= 107 bytes
+        self.real: RealDaemon | None = None
+        self.embedded: EmbeddedServer | None = None
+        if kind == "real":
+            self.real = RealDaemon(request.getfixturevalue("fakexen_so"), self.dir)
+            self.socket = self.real.socket
+        else:
+            self.socket = str(self.dir / "xs.sock")
 
     def start(self) -> None:
-        env = dict(os.environ, XENSTORED_RUNDIR=str(self.rundir), LD_PRELOAD=str(self.shim))
-        with open(self.rundir / "log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(XENSTORED), "-N", "-F", str(self.rundir / "pid")],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
-        deadline = time.monotonic() + 10
-        # The socket file of a previous run stays behind: wait for the pid file too.
-        while not (Path(self.socket).exists() and (self.rundir / "pid").exists()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"cxenstored did not start: {(self.rundir / 'log').read_text()}")
-            time.sleep(0.01)
-        time.sleep(0.02)  # the pid file is written just before listen()
+        if self.real is not None:
+            self.real.start()
+        else:
+            self.embedded = EmbeddedServer(self.dir, guests=())
+            self.embedded.start()
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        (self.rundir / "pid").unlink(missing_ok=True)
+        if self.real is not None:
+            self.real.stop()
+        elif self.embedded is not None:
+            server, self.embedded = self.embedded, None
+            server.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def fakexen_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not XENSTORED.exists():
-        pytest.skip("cxenstored 4.17 (xen-utils-4.17) is not installed")
-    if not SHIM_SOURCE.exists() or shutil.which("gcc") is None:
-        pytest.skip("the fakexen shim cannot be built here")
-    out = tmp_path_factory.mktemp("shim") / "fakexen.so"
-    subprocess.run(
-        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(SHIM_SOURCE), "-ldl"],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, fakexen_so: Path) -> Iterator[Daemon]:
-    rundir = tmp_path / "xs"
-    rundir.mkdir()
-    d = Daemon(rundir, fakexen_so)
-    d.start()
+@pytest.fixture(params=["embedded", "real"])
+def restartable(request: pytest.FixtureRequest) -> Iterator[Restartable]:
+    server = Restartable(request.param, request)
     try:
-        yield d
+        server.start()
+        yield server
     finally:
-        d.stop()
+        server.cleanup()
+
+
+@pytest.fixture(params=["embedded", "real"])
+def server_process(request: pytest.FixtureRequest) -> ServerPath:
+    """A server in a process of its own (it can be frozen and killed)."""
+    name = "xenstored_embedded_process" if request.param == "embedded" else "xenstored_real"
+    path: ServerPath = request.getfixturevalue(name)
+    return path
 
 
 @pytest.fixture
-def socket_path(daemon: Daemon) -> str:
-    return daemon.socket
+def socket_path(xenstored: ServerPath) -> str:
+    return str(xenstored)
 
 
 # --------------------------------------------------------------------------- basics
@@ -456,7 +432,8 @@ async def test_connect_failure_is_reported(tmp_path: Path) -> None:
     assert info.value.errno == errno.ENOENT
 
 
-async def test_locates_server_through_environment(socket_path: str) -> None:
+async def test_locates_server_through_environment(xenstored_real: ServerPath) -> None:
+    socket_path = str(xenstored_real)
     rundir = str(Path(socket_path).parent)
     for env in ({"XENSTORED_PATH": socket_path}, {"XENSTORED_RUNDIR": rundir}):
         async with XenStoreClient(env=env) as xs:
@@ -464,7 +441,8 @@ async def test_locates_server_through_environment(socket_path: str) -> None:
             assert await xs.read("/tool") == b""
 
 
-async def test_reconnect_after_server_restart(daemon: Daemon) -> None:
+async def test_reconnect_after_server_restart(restartable: Restartable) -> None:
+    daemon = restartable
     async with XenStoreClient(daemon.socket, reconnect_delay=0.01) as xs:
         await xs.write("/before", b"1")
         async with xs.watch("/rw", "tok") as events:
@@ -473,7 +451,7 @@ async def test_reconnect_after_server_restart(daemon: Daemon) -> None:
             tx = await tx_cm.__aenter__()
             await tx.write("/rw/in-tx", b"")
 
-            daemon.stop()
+            await trio.to_thread.run_sync(daemon.stop)
             with trio.fail_after(5):
                 while xs.connected:
                     await trio.sleep(0.01)
@@ -498,12 +476,13 @@ async def test_reconnect_after_server_restart(daemon: Daemon) -> None:
                 await tx_cm.__aexit__(None, None, None)
 
 
-async def test_pending_requests_fail_promptly_when_server_dies(daemon: Daemon) -> None:
-    async with XenStoreClient(daemon.socket, reconnect=False) as xs, xs.watch("/d") as events:
+async def test_pending_requests_fail_promptly_when_server_dies(server_process: ServerPath) -> None:
+    pid = server_process.pid
+    assert pid is not None
+    async with XenStoreClient(server_process, reconnect=False) as xs, xs.watch("/d") as events:
         await events.__anext__()
-        # Hold requests open by freezing the daemon, then kill it.
-        assert daemon.proc is not None
-        daemon.proc.send_signal(signal.SIGSTOP)
+        # Hold requests open by freezing the server, then kill it.
+        os.kill(pid, signal.SIGSTOP)
         errors: list[int] = []
 
         async def read() -> None:
@@ -518,7 +497,7 @@ async def test_pending_requests_fail_promptly_when_server_dies(daemon: Daemon) -
                     nursery.start_soon(read)
                 await trio.sleep(0.1)
                 assert errors == []
-                daemon.proc.send_signal(signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
         assert errors == [errno.ECONNRESET] * 5
         with pytest.raises(XenStoreError) as info:
             await events.__anext__()

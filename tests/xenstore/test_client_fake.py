@@ -4,6 +4,7 @@ connections, refused reconnects, garbage) and the character-device transport."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -509,6 +510,54 @@ async def test_unix_socket_path_is_connected(tmp_path: os.PathLike[str]) -> None
     await stream.aclose()
     with pytest.raises(OSError):
         await locate.open_path(os.path.join(tmp_path, "absent"))
+
+
+async def test_unix_connect_waits_for_a_full_backlog(tmp_path: os.PathLike[str]) -> None:
+    """cxenstored listens with a backlog of 1: a connect must wait, not come back
+    unconnected (a non-blocking AF_UNIX connect fails with EAGAIN then)."""
+    path = os.path.join(tmp_path, "sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    fillers: list[socket.socket] = []
+    try:
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            fillers.append(s)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                break
+        got: list[trio.abc.Stream] = []
+
+        async def connect() -> None:
+            got.append(await locate.open_path(path))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connect)
+            await trio.sleep(0.05)
+            assert not got  # still waiting for a slot
+            listener.accept()[0].close()  # frees one
+        with trio.fail_after(2):
+            await got[0].send_all(b"ping")
+        listener.setblocking(False)
+        found = False
+        with trio.fail_after(5):
+            while not found:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    await trio.sleep(0.01)
+                    continue
+                conn.settimeout(0.2)
+                with conn, contextlib.suppress(TimeoutError):
+                    found = conn.recv(4) == b"ping"
+        await got[0].aclose()
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
 
 
 def test_error_names_for_local_errors() -> None:
