@@ -512,7 +512,11 @@ def run_script(path: str, steps: Sequence[Step], conns: int = 1) -> Transcript:
                     conn.send_raw(step.data)
             except (BrokenPipeError, ConnectionResetError):
                 conn.closed = True
-            for j, c in enumerate(opened):
+            # The sender first: once its marker is answered the step has been
+            # processed, so whatever it caused elsewhere precedes the others' markers.
+            order = [step.conn] + [j for j in range(len(opened)) if j != step.conn]
+            for j in order:
+                c = opened[j]
                 if c.closed:
                     transcript.append((i, j, ("closed",)))
                     continue

@@ -25,7 +25,7 @@ class Conn:
 
     def rq(self, op: int, payload: bytes, tx: int = 0) -> bytes:
         out = self.store.handle(self.id, Message(op, 0, tx, payload))
-        reply = [m for cid, m in out if cid == self.id and m.type != Op.WATCH_EVENT][0]
+        reply = next(m for cid, m in out if cid == self.id and m.type != Op.WATCH_EVENT)
         return b"E:" + reply.payload[:-1] if reply.type == Op.ERROR else reply.payload
 
     def events(self, op: int, payload: bytes, tx: int = 0) -> dict[int, list[bytes]]:
