@@ -1,0 +1,603 @@
+"""``kvpfs hostsim -- COMMAND``: a Hyper-V KVP environment on any Linux machine.
+
+Off Hyper-V nothing plays the host, so ``hv_kvp_daemon`` has no device to open.
+This command plays the host and the kernel device and runs the distribution's
+unmodified daemon against them, in a private mount namespace:
+
+1. ``unshare(CLONE_NEWNS)``, and every mount made private, so that nothing
+   below propagates out;
+2. a tmpfs over the pool directory ``/var/lib/hyperv`` (where it does not exist,
+   a tmpfs over ``/var/lib`` with every entry of the real one bound back, so no
+   directory is ever created outside);
+3. a private ``/dev``: a tmpfs with every entry of the real one bound back
+   (``--rbind`` for directories such as ``pts``), an empty ``vmbus/`` and a
+   ``/dev/log`` socket that collects the daemon's syslog lines;
+4. one kvpfs mount with ``kvp/`` (the guest's pools), ``host/`` (the host's
+   view) and ``vmbus/`` (the emulated device), whose ``vmbus/`` is bind-mounted
+   onto ``/dev/vmbus``.  One mount, because pyfuse3 serves one FUSE session per
+   process and the device, the host and the two views share their state;
+5. ``hv_kvp_daemon -n``, until it has registered with the device and the host
+   has sent its initial items (pool 3: host name, VM name and id);
+6. COMMAND, with ``KVPFS_MOUNT`` (the mount), ``KVPFS_POOL_DIR`` and
+   ``KVPFS_DAEMON_PID`` in its environment; its exit status is the command's.
+
+Teardown, also after a failure or a signal: the command is stopped (the first
+SIGINT/SIGTERM/SIGHUP is passed on, a second one kills it), the device is
+removed so that the daemon exits by itself (SIGTERM, then SIGKILL, if it does
+not), every other process left in the namespace is stopped the same way, the
+mount ends, and the mount point is removed if hostsim made it.  The namespace,
+and with it every mount above, disappears when hostsim exits.  Nothing is
+created outside except that mount point (an empty directory in ``$TMPDIR``, only
+while hostsim runs; ``--mountpoint`` uses an existing one instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from kvpfs.fs.mount import fuse_options, serve
+from kvpfs.fs.operations import FsOptions, Operations
+from kvpfs.kvp.backend import KvpBackend
+from kvpfs.kvp.device import KvpDevice, VmbusBackend
+from kvpfs.kvp.host import CONNECT_TIMEOUT, KvpHost
+from kvpfs.kvp.hostview import HostBackend
+
+log = logging.getLogger("kvpfs.hostsim")
+
+POOL_DIR = "/var/lib/hyperv"
+DEVICE_DIR = "/dev/vmbus"
+DAEMON_NAME = "hv_kvp_daemon"
+DAEMON_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+HOST_NAME = "kvpfs-hostsim"
+
+_CLONE_NEWNS = 0x00020000
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+_MNT_DETACH = 2
+
+
+class HostsimError(Exception):
+    """A one-line message for the user; ``status`` is the exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- mounts (the process is single-threaded until trio starts) -----------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def _os_error(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(
+    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    if (
+        _libc.mount(
+            os.fsencode(source) if source else None,
+            os.fsencode(target),
+            fstype.encode() if fstype else None,
+            flags,
+            data.encode() if data else None,
+        )
+        != 0
+    ):
+        raise _os_error(f"mount {target}")
+
+
+def _umount(target: str) -> None:
+    if _libc.umount2(os.fsencode(target), _MNT_DETACH) != 0:
+        raise _os_error(f"umount {target}")
+
+
+def enter_private_namespace() -> None:
+    """A mount namespace of our own, with no propagation to the outside."""
+    if _libc.unshare(_CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise HostsimError(
+            f"mount namespaces are not allowed here ({os.strerror(err)}); "
+            "in a container, run with CAP_SYS_ADMIN (e.g. docker run --privileged)"
+        )
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+
+
+def _shadow(directory: str, *, skip: Sequence[str] = (), mode: int = 0o755) -> None:
+    """Put a tmpfs over ``directory`` and bind every entry of the old one back.
+
+    Entries are reached through a descriptor of the old directory, so no staging
+    directory is needed anywhere.  Symlinks are copied, other entries bound
+    (directories recursively, so the mounts below them come along).
+    """
+    old = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        names = sorted(os.listdir(old))
+        _mount("tmpfs", directory, "tmpfs", _MS_NOSUID, f"mode={mode:o}")
+        for name in names:
+            if name in skip:
+                continue
+            source = f"/proc/self/fd/{old}/{name}"
+            target = os.path.join(directory, name)
+            try:
+                st = os.lstat(source)
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(source), target)
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    os.mkdir(target, stat.S_IMODE(st.st_mode))
+                    _mount(source, target, None, _MS_BIND | _MS_REC)
+                else:
+                    os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
+                    _mount(source, target, None, _MS_BIND)
+            except OSError as exc:
+                # An entry that vanished or cannot be bound is left out, not fatal.
+                log.debug("hostsim: %s left out of the private %s: %s", name, directory, exc)
+    finally:
+        os.close(old)
+
+
+def prepare_filesystems() -> None:
+    """The private /dev (with an empty vmbus/) and the tmpfs pool directory."""
+    _shadow("/dev", skip=("vmbus", "log"))
+    os.mkdir(DEVICE_DIR, 0o755)
+    if os.path.isdir(POOL_DIR):
+        _mount("tmpfs", POOL_DIR, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755")
+    else:
+        # The daemon creates the directory itself, on the private tmpfs.
+        _shadow(os.path.dirname(POOL_DIR))
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    command: list[str]
+    mountpoint: str | None = None
+    daemon: str = ""
+    verbose: bool = False
+    timeout: float = 30.0
+    ready_timeout: float = 15.0
+    items: dict[int, dict[str, str]] = field(default_factory=dict)
+
+
+_POOL_NAMES = {"external": 0, "auto_external": 3}
+
+
+def default_items() -> dict[int, dict[str, str]]:
+    """What Hyper-V puts in pool 3 when the VM starts (names as on Hyper-V)."""
+    vm = socket.gethostname()
+    return {
+        3: {
+            "HostName": HOST_NAME,
+            "PhysicalHostName": HOST_NAME.upper(),
+            "PhysicalHostNameFullyQualified": f"{HOST_NAME}.invalid",
+            "VirtualMachineId": str(uuid.uuid5(uuid.NAMESPACE_DNS, vm)).upper(),
+            "VirtualMachineName": vm,
+        }
+    }
+
+
+def _host_item(text: str) -> tuple[int, str, str]:
+    pool_text, sep, item = text.partition(":")
+    key, eq, value = item.partition("=")
+    pool = _POOL_NAMES.get(pool_text)
+    if pool is None and pool_text in ("0", "3"):
+        pool = int(pool_text)
+    if not sep or not eq or pool is None:
+        raise argparse.ArgumentTypeError(
+            f"expected POOL:KEY=VALUE with POOL external (0) or auto_external (3), got {text!r}"
+        )
+    return pool, key, value
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    p = argparse.ArgumentParser(
+        prog="kvpfs hostsim",
+        description="Run COMMAND in a private mount namespace where the real hv_kvp_daemon "
+        "talks to a simulated Hyper-V host. kvpfs is mounted at $KVPFS_MOUNT with kvp/ "
+        "(the guest's pools) and host/ (the host's view: writing host/external/KEY is a "
+        "host SET, removing it a DELETE).",
+    )
+    p.add_argument(
+        "--mountpoint",
+        metavar="DIR",
+        help="mount kvpfs here (default: a new directory in $TMPDIR, removed afterwards)",
+    )
+    p.add_argument("--daemon", metavar="PATH", help="the hv_kvp_daemon to run")
+    p.add_argument(
+        "--host-item",
+        action="append",
+        default=[],
+        type=_host_item,
+        metavar="POOL:KEY=VALUE",
+        help="an item the host sets when the daemon first registers "
+        "(POOL: external or auto_external)",
+    )
+    p.add_argument(
+        "--no-host-items",
+        action="store_true",
+        help="do not set the default pool-3 items (HostName, VirtualMachineName, ...)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="the kernel's wait for the daemon's reply (default 30)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="how long the daemon may take to register (default 15)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log what happens, with the daemon's syslog lines",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    args = p.parse_args(list(argv))
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        p.error("a COMMAND is required: kvpfs hostsim [options] -- COMMAND [ARG...]")
+    items = {} if args.no_host_items else default_items()
+    for pool, key, value in args.host_item:
+        items.setdefault(pool, {})[key] = value
+    return Config(
+        command=command,
+        mountpoint=args.mountpoint,
+        daemon=args.daemon or "",
+        verbose=args.verbose,
+        timeout=args.timeout,
+        ready_timeout=args.ready_timeout,
+        items=items,
+    )
+
+
+def find_daemon(explicit: str = "") -> str:
+    if explicit:
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
+            raise HostsimError(f"{explicit} is not an executable hv_kvp_daemon")
+        return explicit
+    search = os.pathsep.join([os.environ.get("PATH", ""), *DAEMON_DIRS])
+    found = shutil.which(DAEMON_NAME, path=search)
+    if found is None:
+        raise HostsimError(
+            f"{DAEMON_NAME} is not installed (Debian and Ubuntu: apt-get install "
+            "hyperv-daemons; Fedora: dnf install hypervkvpd)"
+        )
+    return found
+
+
+def preflight(config: Config) -> None:
+    if os.geteuid() != 0:
+        raise HostsimError("kvpfs hostsim needs root (mount namespaces, mounts and /dev/fuse)")
+    config.daemon = find_daemon(config.daemon)
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        raise HostsimError(
+            f"cannot open /dev/fuse: {exc.strerror} (load the fuse module; in a container "
+            "pass --device /dev/fuse)"
+        ) from None
+    if config.mountpoint is not None and not os.path.isdir(config.mountpoint):
+        raise HostsimError(f"mountpoint {config.mountpoint} is not a directory")
+
+
+# -- the daemon's syslog ---------------------------------------------------------------
+
+
+@dataclass
+class SyslogSink:
+    """A datagram socket at /dev/log: the daemon logs nowhere else."""
+
+    echo: bool = False
+    lines: list[str] = field(default_factory=list)
+
+    async def serve(
+        self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(path)
+            task_status.started()
+            while True:
+                data = await sock.recv(8192)
+                line = _syslog_text(data)
+                self.lines.append(line)
+                del self.lines[:-200]
+                if self.echo:
+                    print(f"kvpfs hostsim: syslog: {line}", file=sys.stderr, flush=True)
+
+
+def _syslog_text(data: bytes) -> str:
+    text = data.decode("utf-8", "replace").rstrip("\n\0")
+    # "<PRI>Mmm dd hh:mm:ss TAG: message": keep "TAG: message".
+    if text.startswith("<") and ">" in text:
+        text = text.split(">", 1)[1]
+        if len(text) > 16 and text[3] == " " and text[15] == " ":
+            text = text[16:]
+    return text
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+async def _stop(process: trio.Process, name: str, *, grace: float = 3.0) -> None:
+    """End ``process``: wait ``grace`` seconds, then SIGTERM, then SIGKILL."""
+    with trio.move_on_after(grace):
+        await process.wait()
+        return
+    if process.returncode is None:
+        log.info("hostsim: stopping %s (pid %d)", name, process.pid)
+        process.terminate()
+        with trio.move_on_after(2.0):
+            await process.wait()
+            return
+        process.kill()
+        await process.wait()
+
+
+def _namespace_of(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def namespace_processes() -> list[int]:
+    """Other processes in this mount namespace (started inside it, so ours)."""
+    mine = _namespace_of("self")
+    own = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != own and _namespace_of(entry) == mine:
+            found.append(int(entry))
+    return found
+
+
+async def _stop_leftovers() -> None:
+    pids = await trio.to_thread.run_sync(namespace_processes)
+    if not pids:
+        return
+    log.info("hostsim: stopping processes left in the namespace: %s", pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        with trio.move_on_after(2.0):
+            while pids:
+                await trio.sleep(0.05)
+                pids = [pid for pid in pids if _alive(pid)]
+        if not pids:
+            return
+
+
+def _alive(pid: int) -> bool:
+    # A zombie has no namespace link any more: it is gone for our purposes.
+    return _namespace_of(pid) is not None
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    config: Config
+    mountpoint: str
+    syslog: SyslogSink
+    daemon: trio.Process | None = None
+    command: trio.Process | None = None
+    signals: int = 0
+
+
+async def _watch_daemon(run: _Run, process: trio.Process) -> None:
+    status = await process.wait()
+    if run.daemon is process:
+        print(
+            f"kvpfs hostsim: {DAEMON_NAME} (pid {process.pid}) exited with status {status}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def _handle_signals(run: _Run, cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            run.signals += 1
+            command = run.command
+            if command is None or command.returncode is not None:
+                cancel.cancel()
+            elif run.signals == 1:
+                command.send_signal(signum)
+            else:
+                command.kill()
+
+
+def _bind_device(mountpoint: str) -> None:
+    # In a worker thread: the bind looks the source up through the FUSE mount,
+    # which the trio thread serves.
+    _mount(os.path.join(mountpoint, "vmbus"), DEVICE_DIR, None, _MS_BIND)
+    os.stat(os.path.join(DEVICE_DIR, "hv_kvp"))
+
+
+async def _main(config: Config, mountpoint: str) -> int:
+    device = KvpDevice(timeout=config.timeout)
+    host = KvpHost(device, initial_items=config.items)
+    ops = Operations(
+        [KvpBackend(POOL_DIR), HostBackend(host), VmbusBackend(device)],
+        # A host request may wait for a daemon, then for the kernel's timeout.
+        FsOptions(backend_timeout=config.timeout + CONNECT_TIMEOUT + 10.0),
+    )
+    run = _Run(config, mountpoint, SyslogSink(echo=config.verbose))
+    status = 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_handle_signals, run, nursery.cancel_scope)
+        await nursery.start(run.syslog.serve, "/dev/log")
+        session = await nursery.start(
+            functools.partial(serve, handle_signals=False),
+            ops,
+            mountpoint,
+            fuse_options(fsname="kvpfs-hostsim"),
+        )
+        try:
+            await trio.to_thread.run_sync(_bind_device, mountpoint)
+            status = await _start_and_run(run, nursery, device, host)
+        finally:
+            with trio.CancelScope(shield=True):
+                await _teardown(run, device)
+                await session.stop()
+            nursery.cancel_scope.cancel()
+    return status
+
+
+async def _start_and_run(run: _Run, nursery: trio.Nursery, device: KvpDevice, host: KvpHost) -> int:
+    config = run.config
+    daemon = await trio.lowlevel.open_process(
+        [config.daemon, "-n"], stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    run.daemon = daemon
+    nursery.start_soon(_watch_daemon, run, daemon)
+    log.info("hostsim: started %s (pid %d)", config.daemon, daemon.pid)
+    with trio.move_on_after(config.ready_timeout) as waiting:
+        async with trio.open_nursery() as race:
+
+            async def registered() -> None:
+                await device.wait_registered()
+                await host.provisioned.wait()
+                race.cancel_scope.cancel()
+
+            async def exited() -> None:
+                await daemon.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(registered)
+            race.start_soon(exited)
+    if not device.registered or waiting.cancelled_caught:
+        why = (
+            f"exited with status {daemon.returncode}"
+            if daemon.returncode is not None
+            else f"did not register within {config.ready_timeout:g} s"
+        )
+        lines = "; ".join(run.syslog.lines[-5:]) or "no syslog lines"
+        raise HostsimError(f"{DAEMON_NAME} {why} ({lines})")
+    log.info("hostsim: the daemon registered; running %s", config.command)
+    env = {
+        **os.environ,
+        "KVPFS_MOUNT": run.mountpoint,
+        "KVPFS_POOL_DIR": POOL_DIR,
+        "KVPFS_DAEMON_PID": str(daemon.pid),
+    }
+    try:
+        command = await trio.lowlevel.open_process(config.command, env=env)
+    except OSError as exc:
+        raise HostsimError(f"cannot run {config.command[0]}: {exc.strerror or exc}", 127) from None
+    run.command = command
+    try:
+        code = await command.wait()
+    finally:
+        if command.returncode is None:
+            command.terminate()
+            with trio.move_on_after(3.0):
+                await command.wait()
+            if command.returncode is None:
+                command.kill()
+                await command.wait()
+    return 128 - code if code < 0 else code
+
+
+async def _teardown(run: _Run, device: KvpDevice) -> None:
+    # Without its device the daemon's read fails, its reopen fails, and it exits.
+    device.shutdown()
+    daemon, run.daemon = run.daemon, None
+    if daemon is not None:
+        await _stop(daemon, DAEMON_NAME, grace=3.0)
+    await _stop_leftovers()
+    with contextlib.suppress(OSError):
+        await trio.to_thread.run_sync(_umount, DEVICE_DIR)
+
+
+def run_hostsim(argv: Sequence[str]) -> int:
+    """The ``kvpfs hostsim`` command; returns the exit status."""
+    try:
+        config = parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    logging.basicConfig(
+        level=logging.INFO if config.verbose else logging.WARNING,
+        format="kvpfs hostsim: %(levelname)s %(name)s: %(message)s",
+    )
+    made: str | None = None
+    try:
+        preflight(config)
+        enter_private_namespace()
+        prepare_filesystems()
+        if config.mountpoint is None:
+            made = tempfile.mkdtemp(prefix="kvpfs-hostsim-")
+        mountpoint = os.path.abspath(config.mountpoint or made or "")
+        return trio.run(_main, config, mountpoint)
+    except HostsimError as exc:
+        print(f"kvpfs hostsim: {exc}", file=sys.stderr)
+        return exc.status
+    except BaseExceptionGroup as group:
+        found = group.subgroup(HostsimError)
+        if found is None:
+            raise
+        first = found.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        assert isinstance(first, HostsimError)
+        print(f"kvpfs hostsim: {first}", file=sys.stderr)
+        return first.status
+    except OSError as exc:
+        print(f"kvpfs hostsim: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    finally:
+        if made is not None:
+            with contextlib.suppress(OSError):
+                _umount(made)
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
+
+
+if __name__ == "__main__":
+    sys.exit(run_hostsim(sys.argv[1:]))

@@ -1,0 +1,289 @@
+"""The ``host`` directory of the mount: the pools as the Hyper-V host sees them.
+
+``host/`` is the other end of ``kvp/``: every operation here is a request the
+host sends through the kernel to hv_kvp_daemon (:class:`kvpfs.kvp.host.KvpHost`)::
+
+    host/external/        pool 0   written by the host     read-write
+    host/guest/           pool 1   written by the guest    read-only
+    host/auto/            pool 2   synthesised by the daemon (FQDN, OS, IP addresses)
+    host/auto_external/   pool 3   written by the host     read-write
+
+Listing a directory enumerates the pool from index 0 until the daemon says the
+pool ends, and reading a file enumerates until the first item with that key, so
+both show what the daemon answers at that moment.  The host sees each key and
+value through the kernel's conversion to UTF-16 (254 and 1022 units at most),
+and an item that does not convert (invalid UTF-8 in the guest pool) ends the
+host's enumeration: the listing shows the items before it, as the host would.
+
+Writing a file sends SET, removing it DELETE, as ``Add-VMKvpItem`` /
+``Remove-VMKvpItem`` would; renaming is a SET of the new name, then a DELETE of
+the old one (the host has no rename).  The daemon's answer becomes the errno
+(:func:`kvpfs.kvp.host.status_errno`).  A name the host cannot send intact is
+refused before anything is sent: a key or value that is not UTF-8 is EILSEQ, a
+key the kernel would cut to 511 bytes ENAMETOOLONG, a value it would cut to 2047
+bytes EFBIG.
+
+Names are the keys, escaped as in ``kvp/`` (:mod:`kvpfs.kvp.names`).  Lookups
+may use the last enumeration for up to ``cache_ttl`` seconds, so that ``ls -l``
+costs one enumeration and not one per file; reads never do.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from kvpfs.errors import FsError
+from kvpfs.fs.backend import Backend, ChangeSink, Node, NodeKind, Path
+from kvpfs.kvp import message as m
+from kvpfs.kvp.host import HostError, KvpHost, status_name
+from kvpfs.kvp.names import InvalidName, key_to_name, name_to_key
+
+log = logging.getLogger(__name__)
+
+POOL_DIRS: dict[str, m.Pool] = {
+    "external": m.Pool.EXTERNAL,
+    "guest": m.Pool.GUEST,
+    "auto": m.Pool.AUTO,
+    "auto_external": m.Pool.AUTO_EXTERNAL,
+}
+WRITABLE_DIRS = frozenset({"external", "auto_external"})
+CACHE_TTL = 1.0
+
+_ROOT = Node(NodeKind.DIR, writable=False)
+_name_of = functools.lru_cache(maxsize=4096)(key_to_name)
+
+
+@dataclass(eq=False)
+class _Snapshot:
+    taken: float
+    values: dict[str, bytes] = field(default_factory=dict)
+
+
+def _host_key(name: str, missing: int) -> str:
+    """The host string behind a filename; ``missing`` is the errno if there is none."""
+    try:
+        raw = name_to_key(name)
+    except InvalidName as exc:
+        raise FsError(missing, f"{name!r} is not the name of any key") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FsError(
+            errno.EILSEQ if missing != errno.ENOENT else errno.ENOENT,
+            "the host speaks UTF-16: a key that is not UTF-8 cannot be sent",
+        ) from exc
+
+
+def _host_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+class HostBackend(Backend):
+    """The host's view of the pools, through a :class:`KvpHost`."""
+
+    name = "host"
+
+    def __init__(
+        self, host: KvpHost, *, read_only: bool = False, cache_ttl: float = CACHE_TTL
+    ) -> None:
+        self.host = host
+        self.read_only = read_only
+        self.cache_ttl = cache_ttl
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._warned: dict[str, int] = {}
+
+    # -- enumeration -----------------------------------------------------------------------
+
+    def _pool(self, directory: str) -> m.Pool:
+        pool = POOL_DIRS.get(directory)
+        if pool is None:
+            raise FsError(errno.ENOENT)
+        return pool
+
+    def _writable(self, directory: str) -> bool:
+        return not self.read_only and directory in WRITABLE_DIRS
+
+    async def _enumerate(self, directory: str) -> _Snapshot:
+        pool = self._pool(directory)
+        result = await self.host.items(pool)
+        if result.failure:
+            raise HostError(
+                errno.EIO,
+                f"enumeration of pool {int(pool)} failed: {result.failure}",
+                status=result.end_status,
+            )
+        if not result.complete and self._warned.get(directory) != len(result.items):
+            # The host's own behaviour: what follows a failing item stays invisible.
+            log.warning(
+                "host: enumeration of pool %d stops at item %d: %s",
+                pool,
+                len(result.items),
+                status_name(result.end_status),
+            )
+        self._warned[directory] = len(result.items) if not result.complete else -1
+        snapshot = _Snapshot(trio.current_time())
+        for key, value in result.items:
+            snapshot.values.setdefault(_name_of(_host_bytes(key)), _host_bytes(value))
+        self._snapshots[directory] = snapshot
+        return snapshot
+
+    async def _find(self, directory: str, name: str) -> bytes:
+        """The value of ``name`` as the host reads it now; ENOENT if the host sees none."""
+        pool = self._pool(directory)
+        key = _host_key(name, errno.ENOENT)
+        value = await self.host.find(pool, key)
+        snapshot = self._snapshots.get(directory)
+        if value is None:
+            if snapshot is not None:
+                snapshot.values.pop(name, None)
+            raise FsError(errno.ENOENT)
+        data = _host_bytes(value)
+        if snapshot is not None:
+            snapshot.values[name] = data
+        return data
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def lookup(self, path: Path) -> Node:
+        if not path:
+            return _ROOT
+        self._pool(path[0])
+        writable = self._writable(path[0])
+        if len(path) == 1:
+            return Node(NodeKind.DIR, writable=writable)
+        snapshot = self._snapshots.get(path[0])
+        value: bytes | None = None
+        if snapshot is not None and trio.current_time() - snapshot.taken < self.cache_ttl:
+            value = snapshot.values.get(path[1])
+        if value is None:
+            value = await self._find(path[0], path[1])
+        if len(path) > 2:
+            raise FsError(errno.ENOTDIR)
+        return Node(NodeKind.FILE, size=len(value), writable=writable)
+
+    async def listdir(self, path: Path) -> list[tuple[str, Node]]:
+        if not path:
+            return [(directory, await self.lookup((directory,))) for directory in POOL_DIRS]
+        if len(path) > 1:
+            await self.lookup(path)
+            raise FsError(errno.ENOTDIR)
+        snapshot = await self._enumerate(path[0])
+        writable = self._writable(path[0])
+        return [
+            (name, Node(NodeKind.FILE, size=len(value), writable=writable))
+            for name, value in snapshot.values.items()
+        ]
+
+    async def read(self, path: Path) -> bytes:
+        if len(path) != 2:
+            await self.lookup(path)
+            raise FsError(errno.EISDIR if len(path) < 2 else errno.ENOTDIR)
+        return await self._find(path[0], path[1])
+
+    # -- changing --------------------------------------------------------------------------
+
+    def _target(self, path: Path) -> tuple[str, m.Pool, str]:
+        if not path:
+            raise FsError(errno.EISDIR)
+        if path[0] not in POOL_DIRS:
+            raise FsError(errno.EROFS if self.read_only else errno.EPERM)
+        if len(path) == 1:
+            raise FsError(errno.EISDIR)
+        if len(path) > 2:
+            raise FsError(errno.ENOTDIR)
+        if not self._writable(path[0]):
+            raise FsError(errno.EROFS, f"the host does not write host/{path[0]}")
+        return path[0], POOL_DIRS[path[0]], path[1]
+
+    def _new_key(self, pool: m.Pool, name: str) -> str:
+        key = _host_key(name, errno.EINVAL)
+        units = len(m.utf16_units(key))
+        if units > m.HOST_FIELD_KEY_UNITS:
+            raise FsError(
+                errno.ENAMETOOLONG,
+                f"key is {units} UTF-16 units, the host sends at most {m.HOST_FIELD_KEY_UNITS}",
+            )
+        stored, _ = m.delivered(m.HostRequest(m.Op.SET, pool, key))
+        if stored != _host_bytes(key):
+            raise FsError(
+                errno.ENAMETOOLONG,
+                f"the kernel would store only {len(stored)} of the key's bytes",
+            )
+        return key
+
+    async def check_new_name(self, path: Path) -> None:
+        _, pool, name = self._target(path)
+        self._new_key(pool, name)
+
+    async def write(self, path: Path, value: bytes) -> None:
+        directory, pool, name = self._target(path)
+        key = self._new_key(pool, name)
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FsError(errno.EILSEQ, "the host sends UTF-16: the value is not UTF-8") from exc
+        if "\0" in text:
+            raise FsError(errno.EINVAL, "the value contains NUL")
+        units = len(m.utf16_units(text))
+        if units > m.HOST_FIELD_VALUE_UNITS:
+            raise FsError(
+                errno.EFBIG,
+                f"value is {units} UTF-16 units, the host sends at most {m.HOST_FIELD_VALUE_UNITS}",
+            )
+        _, stored = m.delivered(m.HostRequest(m.Op.SET, pool, key, text))
+        if stored != value:
+            raise FsError(
+                errno.EFBIG, f"the kernel would store only {len(stored)} of the value's bytes"
+            )
+        await self.host.set(pool, key, text)
+        snapshot = self._snapshots.get(directory)
+        if snapshot is not None:
+            snapshot.values[name] = value
+
+    async def remove(self, path: Path) -> None:
+        directory, pool, name = self._target(path)
+        await self.host.delete(pool, _host_key(name, errno.ENOENT))
+        snapshot = self._snapshots.get(directory)
+        if snapshot is not None:
+            snapshot.values.pop(name, None)
+
+    async def rename(self, old: Path, new: Path, *, replace: bool) -> None:
+        if len(old) == 2 and len(new) == 2 and old[0] != new[0]:
+            raise FsError(errno.EXDEV)
+        directory, pool, old_name = self._target(old)
+        _, _, new_name = self._target(new)
+        value = await self._find(directory, old_name)
+        new_key = self._new_key(pool, new_name)
+        if not replace:
+            try:
+                await self._find(directory, new_name)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                raise FsError(errno.EEXIST)
+        await self.host.set(pool, new_key, value.decode("utf-8"))
+        await self.host.delete(pool, _host_key(old_name, errno.ENOENT))
+        snapshot = self._snapshots.get(directory)
+        if snapshot is not None:
+            snapshot.values.pop(old_name, None)
+            snapshot.values[new_name] = value
+
+    async def mkdir(self, path: Path) -> None:
+        raise FsError(errno.EROFS if self.read_only else errno.EPERM)
+
+    async def rmdir(self, path: Path) -> None:
+        raise FsError(errno.EROFS if self.read_only else errno.EPERM)
+
+    # -- background ------------------------------------------------------------------------
+
+    async def run(
+        self, sink: ChangeSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The host's own work (the initial items), for as long as the mount lives."""
+        await self.host.run(task_status=task_status)
