@@ -62,3 +62,33 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
+
+
+async def _screen(session: str) -> bytes:
+    return (await sh(f"tmux capture-pane -p -t {session}", check=False)).stdout
+
+
+async def _wait_screen(session: str, text: bytes, timeout: float = 15.0) -> None:
+    with trio.fail_after(timeout):
+        while text not in await _screen(session):
+            await trio.sleep(0.05)
+
+
+async def nano_append(path: str, text: str) -> None:
+    """Open ``path`` in nano under tmux, append ``text`` to the first line, save, quit.
+
+    Waits on what nano shows rather than on fixed delays, so a loaded machine
+    slows the test down instead of breaking it.
+    """
+    session = f"kvpfs-nano-{os.getpid()}-{id(path)}"
+    await sh(f"tmux new-session -d -s {session} -x 100 -y 24 'nano {path}'")
+    try:
+        await _wait_screen(session, b"GNU nano")
+        await sh(["tmux", "send-keys", "-t", session, "End", text, "C-o", "Enter"])
+        await _wait_screen(session, b"Wrote")
+        await sh(["tmux", "send-keys", "-t", session, "C-x"])
+        with trio.fail_after(15):
+            while (await sh(f"tmux has-session -t {session}", check=False)).returncode == 0:
+                await trio.sleep(0.05)
+    finally:
+        await sh(f"tmux kill-session -t {session}", check=False)

@@ -14,7 +14,7 @@ import trio
 
 from kvpfs.fs.operations import FsOptions
 from tests.fs.memory_backend import MemoryBackend
-from tests.mounting import in_thread, read_bytes, sh, write_bytes
+from tests.mounting import in_thread, nano_append, read_bytes, sh, write_bytes
 
 pytestmark = pytest.mark.mount
 
@@ -141,18 +141,7 @@ async def test_vim_save_modes(mount, store: MemoryBackend, backupcopy: str) -> N
 async def test_nano_save(mount, store: MemoryBackend) -> None:
     s = await mount([store])
     k = f"{s.mountpoint}/mem/d/k"
-    session = f"kvpfs-nano-{os.getpid()}"
-    await sh(f"tmux new-session -d -s {session} -x 80 -y 24 'nano {k}'")
-    try:
-        await trio.sleep(0.5)
-        await sh(f"tmux send-keys -t {session} End ' edited' C-o Enter")
-        await trio.sleep(0.5)
-        await sh(f"tmux send-keys -t {session} C-x")
-        with trio.fail_after(10):
-            while (await sh(f"tmux has-session -t {session}", check=False)).returncode == 0:
-                await trio.sleep(0.1)
-    finally:
-        await sh(f"tmux kill-session -t {session}", check=False)
+    await nano_append(f"{k}", " edited")
     assert store.value(("d", "k")) == b"a-long-value edited"
     assert sorted(store.tree[("d",)]) == ["k"]
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from tests.mount.kvp_fixtures import Pools, mount_kvp, pools, rec  # noqa: F401
-from tests.mounting import in_thread, read_bytes, sh, write_bytes
+from tests.mounting import in_thread, nano_append, read_bytes, sh, write_bytes
 
 pytestmark = pytest.mark.mount
 
@@ -136,18 +136,7 @@ async def test_vim_write_is_never_a_transient_delete(mount, seeded: Pools) -> No
 
 async def test_nano_save(mount, seeded: Pools) -> None:
     _, kvp = await mount_kvp(mount, seeded)
-    session = f"kvpfs-nano-{os.getpid()}"
-    await sh(f"tmux new-session -d -s {session} -x 80 -y 24 'nano {kvp}/guest/Gamma'")
-    try:
-        await trio.sleep(0.5)
-        await sh(f"tmux send-keys -t {session} End '-3' C-o Enter")
-        await trio.sleep(0.5)
-        await sh(f"tmux send-keys -t {session} C-x")
-        with trio.fail_after(10):
-            while (await sh(f"tmux has-session -t {session}", check=False)).returncode == 0:
-                await trio.sleep(0.1)
-    finally:
-        await sh(f"tmux kill-session -t {session}", check=False)
+    await nano_append(f"{kvp}/guest/Gamma", "-3")
     assert seeded.bytes("guest") == ALPHA + BETA + rec(b"Gamma", b"three-3")
 
 
