@@ -158,6 +158,11 @@ class KvpDevice:
         return self._opener is not None
 
     @property
+    def delivered(self) -> bool:
+        """Whether the daemon has read the request in flight."""
+        return self.state is DeviceState.REQUEST and self._outmsg is None
+
+    @property
     def registered(self) -> bool:
         return self.state in (DeviceState.READY, DeviceState.REQUEST)
 
