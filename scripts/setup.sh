@@ -16,7 +16,7 @@ pkgs=(fuse3 libfuse3-dev pkg-config gcc)
 if [ "$want_test" = 1 ]; then
   # Programs the tests drive as real processes, the real peers (cxenstored, the
   # xenstore-* clients, hv_kvp_daemon) and what builds the cxenstored test shim.
-  pkgs+=(vim nano tmux attr util-linux procps xenstore-utils xen-utils-4.17 libxen-dev hyperv-daemons)
+  pkgs+=(vim nano emacs-nox tmux attr util-linux procps xenstore-utils xen-utils-4.17 libxen-dev hyperv-daemons)
 fi
 python=${PYTHON:-python3}
 if ! command -v "$python" >/dev/null 2>&1; then pkgs+=(python3); python=python3; fi

@@ -9,6 +9,7 @@ else in the file changes.
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import trio
@@ -162,3 +163,26 @@ async def test_other_pools_untouched(mount, seeded: Pools) -> None:
     for pool in ("external", "auto", "auto_external"):
         assert after[pool] == before[pool] == b""
     assert after["auto_internal"] == rec(b"k", b"y")
+
+
+# Emacs decides at visit time to skip backups under temporary-file-directory,
+# where pytest mounts: the predicate must be set before the file is visited.
+EMACS_SETUP = (
+    "(setq backup-enable-predicate (lambda (_) t) make-backup-files t "
+    "backup-by-copying nil create-lockfiles t)"
+)
+EMACS_EDIT = '(progn (goto-char (point-min)) (end-of-line) (insert "-emacs") (save-buffer))'
+
+
+async def test_emacs_batch_save(mount, seeded: Pools) -> None:
+    if shutil.which("emacs") is None:
+        pytest.skip("emacs is not installed (scripts/setup.sh --test installs emacs-nox)")
+    _, kvp = await mount_kvp(mount, seeded)
+    # Emacs's first save renames the file to k~ (its backup) and writes k anew,
+    # with a .#k lock file meanwhile: only the one in-place update may reach the pool.
+    await sh(
+        ["emacs", "-Q", "--batch", "--eval", EMACS_SETUP, f"{kvp}/guest/Beta", "--eval", EMACS_EDIT],
+        timeout=60,
+    )
+    assert seeded.bytes("guest") == ALPHA + rec(b"Beta", b"two-emacs") + GAMMA
+    assert (await sh(f"ls -A {kvp}/guest")).stdout == b"Alpha\nBeta\nBeta~\nGamma\n"
