@@ -47,12 +47,12 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-from kvpfs.fs.mount import fuse_options, serve
+from kvpfs.fs.mount import Session, fuse_options, serve
 from kvpfs.fs.operations import FsOptions, Operations
 from kvpfs.kvp.backend import KvpBackend
 from kvpfs.kvp.device import KvpDevice, VmbusBackend
@@ -417,40 +417,87 @@ def _alive(pid: int) -> bool:
     return _namespace_of(pid) is not None
 
 
-# -- the run ---------------------------------------------------------------------------
+# -- the environment -------------------------------------------------------------------
 
 
-@dataclass
-class _Run:
+@dataclass(eq=False)
+class Environment:
+    """A running simulation: the mount, the device, the host and the daemon.
+
+    Made by :func:`environment` inside the private namespace.  Everything here runs
+    on the trio thread that also serves the mount: never touch the mount from it
+    (use a worker thread or a subprocess).
+    """
+
     config: Config
     mountpoint: str
+    device: KvpDevice
+    host: KvpHost
+    session: Session
     syslog: SyslogSink
+    nursery: trio.Nursery
+    #: The daemon started last by :meth:`start_daemon`, while it is ours to stop.
     daemon: trio.Process | None = None
-    command: trio.Process | None = None
-    signals: int = 0
+    #: Process ids of every daemon started, in order.
+    started: list[int] = field(default_factory=list)
 
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.mountpoint, *parts)
 
-async def _watch_daemon(run: _Run, process: trio.Process) -> None:
-    status = await process.wait()
-    if run.daemon is process:
-        print(
-            f"kvpfs hostsim: {DAEMON_NAME} (pid {process.pid}) exited with status {status}",
-            file=sys.stderr,
-            flush=True,
+    async def start_daemon(self) -> trio.Process:
+        """Start ``hv_kvp_daemon -n`` in its own session (terminal signals miss it)."""
+        process = await trio.lowlevel.open_process(
+            [self.config.daemon, "-n"], stdin=subprocess.DEVNULL, start_new_session=True
         )
+        self.daemon = process
+        self.started.append(process.pid)
+        self.nursery.start_soon(self._watch, process)
+        log.info("hostsim: started %s (pid %d)", self.config.daemon, process.pid)
+        return process
 
+    async def _watch(self, process: trio.Process) -> None:
+        status = await process.wait()
+        if self.daemon is process:
+            print(
+                f"kvpfs hostsim: {DAEMON_NAME} (pid {process.pid}) exited with status {status}",
+                file=sys.stderr,
+                flush=True,
+            )
 
-async def _handle_signals(run: _Run, cancel: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async for signum in signals:
-            run.signals += 1
-            command = run.command
-            if command is None or command.returncode is not None:
-                cancel.cancel()
-            elif run.signals == 1:
-                command.send_signal(signum)
-            else:
-                command.kill()
+    async def wait_ready(self, registrations: int = 1) -> None:
+        """Wait for registration number ``registrations`` and the host's initial items.
+
+        HostsimError if the daemon exits first or takes longer than the ready timeout.
+        """
+        daemon = self.daemon
+        with trio.move_on_after(self.config.ready_timeout):
+            async with trio.open_nursery() as race:
+
+                async def registered() -> None:
+                    await self.device.wait_registered(registrations)
+                    await self.host.provisioned.wait()
+                    race.cancel_scope.cancel()
+
+                async def exited() -> None:
+                    if daemon is not None:
+                        await daemon.wait()
+                        race.cancel_scope.cancel()
+
+                race.start_soon(registered)
+                race.start_soon(exited)
+        if self.device.registrations >= registrations and self.device.registered:
+            return
+        if daemon is not None and daemon.returncode is not None:
+            why = f"exited with status {daemon.returncode}"
+        else:
+            why = f"did not register within {self.config.ready_timeout:g} s"
+        lines = "; ".join(self.syslog.lines[-5:]) or "no syslog lines"
+        raise HostsimError(f"{DAEMON_NAME} {why} ({lines})")
+
+    async def stop_daemon(self) -> None:
+        daemon, self.daemon = self.daemon, None
+        if daemon is not None:
+            await _stop(daemon, DAEMON_NAME, grace=0.0)
 
 
 def _bind_device(mountpoint: str) -> None:
@@ -460,7 +507,15 @@ def _bind_device(mountpoint: str) -> None:
     os.stat(os.path.join(DEVICE_DIR, "hv_kvp"))
 
 
-async def _main(config: Config, mountpoint: str) -> int:
+@contextlib.asynccontextmanager
+async def environment(
+    config: Config, mountpoint: str, *, start: bool = True
+) -> AsyncIterator[Environment]:
+    """Mount kvpfs on ``mountpoint``, expose the device at /dev/vmbus and (``start``)
+    run the daemon until it is ready; tear it all down on exit.
+
+    Call it in the private namespace, after :func:`prepare_filesystems`.
+    """
     device = KvpDevice(timeout=config.timeout)
     host = KvpHost(device, initial_items=config.items)
     ops = Operations(
@@ -468,92 +523,97 @@ async def _main(config: Config, mountpoint: str) -> int:
         # A host request may wait for a daemon, then for the kernel's timeout.
         FsOptions(backend_timeout=config.timeout + CONNECT_TIMEOUT + 10.0),
     )
-    run = _Run(config, mountpoint, SyslogSink(echo=config.verbose))
-    status = 1
+    syslog = SyslogSink(echo=config.verbose)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, run, nursery.cancel_scope)
-        await nursery.start(run.syslog.serve, "/dev/log")
-        session = await nursery.start(
+        await nursery.start(syslog.serve, "/dev/log")
+        session: Session = await nursery.start(
             functools.partial(serve, handle_signals=False),
             ops,
             mountpoint,
             fuse_options(fsname="kvpfs-hostsim"),
         )
+        env = Environment(config, mountpoint, device, host, session, syslog, nursery)
         try:
             await trio.to_thread.run_sync(_bind_device, mountpoint)
-            status = await _start_and_run(run, nursery, device, host)
+            if start:
+                await env.start_daemon()
+                await env.wait_ready()
+            yield env
         finally:
             with trio.CancelScope(shield=True):
-                await _teardown(run, device)
-                await session.stop()
+                await _teardown(env)
             nursery.cancel_scope.cancel()
-    return status
 
 
-async def _start_and_run(run: _Run, nursery: trio.Nursery, device: KvpDevice, host: KvpHost) -> int:
-    config = run.config
-    daemon = await trio.lowlevel.open_process(
-        [config.daemon, "-n"], stdin=subprocess.DEVNULL, start_new_session=True
-    )
-    run.daemon = daemon
-    nursery.start_soon(_watch_daemon, run, daemon)
-    log.info("hostsim: started %s (pid %d)", config.daemon, daemon.pid)
-    with trio.move_on_after(config.ready_timeout) as waiting:
-        async with trio.open_nursery() as race:
-
-            async def registered() -> None:
-                await device.wait_registered()
-                await host.provisioned.wait()
-                race.cancel_scope.cancel()
-
-            async def exited() -> None:
-                await daemon.wait()
-                race.cancel_scope.cancel()
-
-            race.start_soon(registered)
-            race.start_soon(exited)
-    if not device.registered or waiting.cancelled_caught:
-        why = (
-            f"exited with status {daemon.returncode}"
-            if daemon.returncode is not None
-            else f"did not register within {config.ready_timeout:g} s"
-        )
-        lines = "; ".join(run.syslog.lines[-5:]) or "no syslog lines"
-        raise HostsimError(f"{DAEMON_NAME} {why} ({lines})")
-    log.info("hostsim: the daemon registered; running %s", config.command)
-    env = {
-        **os.environ,
-        "KVPFS_MOUNT": run.mountpoint,
-        "KVPFS_POOL_DIR": POOL_DIR,
-        "KVPFS_DAEMON_PID": str(daemon.pid),
-    }
-    try:
-        command = await trio.lowlevel.open_process(config.command, env=env)
-    except OSError as exc:
-        raise HostsimError(f"cannot run {config.command[0]}: {exc.strerror or exc}", 127) from None
-    run.command = command
-    try:
-        code = await command.wait()
-    finally:
-        if command.returncode is None:
-            command.terminate()
-            with trio.move_on_after(3.0):
-                await command.wait()
-            if command.returncode is None:
-                command.kill()
-                await command.wait()
-    return 128 - code if code < 0 else code
-
-
-async def _teardown(run: _Run, device: KvpDevice) -> None:
+async def _teardown(env: Environment) -> None:
     # Without its device the daemon's read fails, its reopen fails, and it exits.
-    device.shutdown()
-    daemon, run.daemon = run.daemon, None
+    env.device.shutdown()
+    daemon, env.daemon = env.daemon, None
     if daemon is not None:
         await _stop(daemon, DAEMON_NAME, grace=3.0)
     await _stop_leftovers()
     with contextlib.suppress(OSError):
         await trio.to_thread.run_sync(_umount, DEVICE_DIR)
+    await env.session.stop()
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+@dataclass
+class _Command:
+    process: trio.Process | None = None
+    signals: int = 0
+
+
+async def _handle_signals(command: _Command, cancel: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            command.signals += 1
+            process = command.process
+            if process is None or process.returncode is not None:
+                cancel.cancel()
+            elif command.signals == 1:
+                process.send_signal(signum)
+            else:
+                process.kill()
+
+
+async def _run_command(env: Environment, command: _Command) -> int:
+    daemon = env.daemon
+    extra = {
+        "KVPFS_MOUNT": env.mountpoint,
+        "KVPFS_POOL_DIR": POOL_DIR,
+        "KVPFS_DAEMON_PID": str(daemon.pid if daemon is not None else ""),
+    }
+    log.info("hostsim: running %s", env.config.command)
+    try:
+        process = await trio.lowlevel.open_process(env.config.command, env={**os.environ, **extra})
+    except OSError as exc:
+        raise HostsimError(
+            f"cannot run {env.config.command[0]}: {exc.strerror or exc}", 127
+        ) from None
+    command.process = process
+    try:
+        code = await process.wait()
+    finally:
+        if process.returncode is None:
+            with trio.CancelScope(shield=True):
+                await _stop(process, env.config.command[0], grace=0.0)
+    return 128 - code if code < 0 else code
+
+
+async def _main(config: Config, mountpoint: str) -> int:
+    command = _Command()
+    status = 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_handle_signals, command, nursery.cancel_scope)
+        async with environment(config, mountpoint) as env:
+            status = await _run_command(env, command)
+        nursery.cancel_scope.cancel()
+    if command.signals and command.process is None:
+        return 130
+    return status
 
 
 def run_hostsim(argv: Sequence[str]) -> int:

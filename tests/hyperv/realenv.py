@@ -37,10 +37,16 @@ def main(argv: list[str]) -> int:
     mountpoint = tempfile.mkdtemp(prefix="kvpfs-realenv-")
     print(f"namespace {os.readlink('/proc/self/ns/mnt')}", flush=True)
 
+    daemons: list[int] = []
+
     async def run() -> None:
         async with hostsim.environment(config, mountpoint) as env:
-            with trio.fail_after(scenario.time_limit):
-                await scenario.run(env)
+            daemons[:] = env.started
+            try:
+                with trio.fail_after(scenario.time_limit):
+                    await scenario.run(env)
+            finally:
+                daemons[:] = env.started
 
     started = time.monotonic()
     try:
@@ -50,6 +56,8 @@ def main(argv: list[str]) -> int:
         print(f"FAIL {name} after {time.monotonic() - started:.2f} s", flush=True)
         return 1
     finally:
+        print(f"mountpoint {mountpoint}", flush=True)
+        print(f"daemons {' '.join(map(str, daemons))}", flush=True)
         try:
             os.rmdir(mountpoint)
         except OSError as exc:
