@@ -41,7 +41,8 @@ class Node:
     kind: NodeKind
     #: Length of the stored value in bytes (files), before the text convention.
     size: int = 0
-    #: Whether this mount may change the node (drives the mode bits and EROFS).
+    #: Whether this mount may change the node (drives the mode bits and the errno
+    #: of a write-open, see :attr:`Backend.unwritable_errno`).
     writable: bool = False
     #: Last change time when the store knows it, else 0 (the mount's start time is used).
     mtime_ns: int = 0
@@ -49,6 +50,8 @@ class Node:
     target: str = ""
     #: Files whose value can change behind the kernel's back are opened with direct_io.
     volatile: bool = True
+    #: Whether this mount may read the node (the r bits; XenStore permissions).
+    readable: bool = True
 
 
 class Stream(ABC):
@@ -88,6 +91,10 @@ class Backend(ABC):
 
     #: Name of the backend's top-level directory in the mount.
     name: str
+
+    #: What writing a node that is not ``writable`` gives: a read-only KVP pool is
+    #: EROFS, a XenStore node the connection may not write is EACCES.
+    unwritable_errno: int = errno.EROFS
 
     @abstractmethod
     async def lookup(self, path: Path) -> Node:

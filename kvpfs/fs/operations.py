@@ -174,8 +174,9 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = timeout
         a.attr_timeout = timeout
         scratch = inode.backend is not None and self.overlay.get(inode.backend, inode.path)
+        w = 0o200 if node.writable else 0
         if node.kind is NodeKind.DIR:
-            mode = stat.S_IFDIR | (0o755 if node.writable else 0o555)
+            mode = stat.S_IFDIR | (0o555 if node.readable else 0o111) | w
             a.st_nlink = 2
             size = 0
         elif node.kind is NodeKind.SYMLINK:
@@ -184,11 +185,11 @@ class Operations(pyfuse3.Operations):
             size = len(os.fsencode(node.target))
         elif node.kind is NodeKind.STREAM:
             # Like a character device node: owner-only, no size.
-            mode = stat.S_IFREG | (0o600 if node.writable else 0o400)
+            mode = stat.S_IFREG | (0o400 if node.readable else 0) | w
             a.st_nlink = 1
             size = 0
         else:
-            mode = stat.S_IFREG | (0o644 if node.writable else 0o444)
+            mode = stat.S_IFREG | (0o444 if node.readable else 0) | w
             a.st_nlink = 1
             size = node.size if scratch else text.file_size(node.size, self.options.raw)
         if inode.mode is not None and node.kind is not NodeKind.SYMLINK:
@@ -250,12 +251,15 @@ class Operations(pyfuse3.Operations):
         else:
             backend, path = self._child_path(parent, sname)
             inode = self.inodes.find(backend, path) or self.inodes.ensure(backend, path)
+        # Counted before the store is asked: a FORGET of the kernel's previous
+        # lookups, handled while we wait, must not drop the inode we are handing out.
+        inode.lookups += 1
         try:
             node = await self._node(inode)
         except BaseException:
+            inode.lookups -= 1
             self.inodes.drop_if_unused(inode)
             raise
-        inode.lookups += 1
         return self._attrs(inode, node)
 
     @fuse_op
@@ -303,9 +307,9 @@ class Operations(pyfuse3.Operations):
             self._resize(handle, size)
             handle.written = handle.pending = True
             return
-        if not node.writable:
-            raise FsError(errno.EROFS)
         assert ino.backend is not None
+        if not node.writable:
+            raise FsError(ino.backend.unwritable_errno)
         scratch = self.overlay.get(ino.backend, ino.path)
         if scratch is not None:
             del scratch.data[size:]
@@ -412,6 +416,11 @@ class Operations(pyfuse3.Operations):
             name, inode, node = d.entries[index]
             if node is None:
                 node = await self._node(inode)
+            if self.inodes.get(inode.ino) is not inode and inode.backend is not None:
+                # Forgotten by the kernel since the snapshot (a FORGET between two
+                # READDIRPLUS calls): hand out a registered inode, never a dropped one.
+                inode = self.inodes.ensure(inode.backend, inode.path)
+                d.entries[index] = (name, inode, node)
             attrs = self._attrs(inode, node)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
                 self.inodes.drop_if_unused(inode)
@@ -439,8 +448,13 @@ class Operations(pyfuse3.Operations):
         backend, path = self._child_path(parent, _name(name))
         await self._call(backend.mkdir(path))
         inode = self.inodes.ensure(backend, path)
-        node = await self._node(inode)
-        inode.lookups += 1
+        inode.lookups += 1  # before awaiting, as in lookup
+        try:
+            node = await self._node(inode)
+        except BaseException:
+            inode.lookups -= 1
+            self.inodes.drop_if_unused(inode)
+            raise
         self.invalidator.entry(parent, path[-1])
         return self._attrs(inode, node)
 
@@ -495,7 +509,7 @@ class Operations(pyfuse3.Operations):
         assert ino.backend is not None
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
         if writable and not node.writable:
-            raise FsError(errno.EROFS)
+            raise FsError(ino.backend.unwritable_errno)
         if node.kind is NodeKind.STREAM:
             stream = await self._call(ino.backend.open_stream(ino.path, flags))
             handle = self._open_handle(ino, flags, b"", None)
