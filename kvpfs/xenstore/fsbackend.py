@@ -715,7 +715,10 @@ class XenStoreBackend(Backend):
         access = self._access(got.perms)
         writable = bool(access & Access.WRITE) and not self.read_only
         if got.unreadable:
-            return Node(NodeKind.FILE, 0, writable=writable, readable=False)
+            # Neither its type nor its permissions can be known.  As a directory
+            # (mode 0111) it still leads to the nodes below it that the guest may
+            # read, as XenStore allows: /local and /local/domain are n0.
+            return Node(NodeKind.DIR, writable=False, readable=False)
         readable = bool(access & Access.READ)
         if got.kids or path in self._made_dirs:
             return Node(NodeKind.DIR, writable=writable, readable=readable)
