@@ -563,20 +563,30 @@ async def _teardown(env: Environment) -> None:
 @dataclass
 class _Command:
     process: trio.Process | None = None
-    signals: int = 0
+    #: Set just before the command is started: a signal then waits for it.
+    starting: bool = False
+    signals: list[int] = field(default_factory=list)
+
+    def forward(self) -> None:
+        """Pass the signals so far on: the first as it is, a second one as SIGKILL."""
+        process = self.process
+        if process is None or process.returncode is not None or not self.signals:
+            return
+        if len(self.signals) == 1:
+            process.send_signal(self.signals[0])
+        else:
+            process.kill()
 
 
 async def _handle_signals(command: _Command, cancel: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
-            command.signals += 1
-            process = command.process
-            if process is None or process.returncode is not None:
+            command.signals.append(signum)
+            if command.process is not None and command.process.returncode is None:
+                command.forward()
+            elif not (command.starting and command.process is None):
+                # Still setting up (or already done): stop, and tear down.
                 cancel.cancel()
-            elif command.signals == 1:
-                process.send_signal(signum)
-            else:
-                process.kill()
 
 
 async def _run_command(env: Environment, command: _Command) -> int:
@@ -587,6 +597,7 @@ async def _run_command(env: Environment, command: _Command) -> int:
         "KVPFS_DAEMON_PID": str(daemon.pid if daemon is not None else ""),
     }
     log.info("hostsim: running %s", env.config.command)
+    command.starting = True
     try:
         process = await trio.lowlevel.open_process(env.config.command, env={**os.environ, **extra})
     except OSError as exc:
@@ -594,6 +605,8 @@ async def _run_command(env: Environment, command: _Command) -> int:
             f"cannot run {env.config.command[0]}: {exc.strerror or exc}", 127
         ) from None
     command.process = process
+    # A signal that came while the command was being started is its signal too.
+    command.forward()
     try:
         code = await process.wait()
     finally:
@@ -605,14 +618,15 @@ async def _run_command(env: Environment, command: _Command) -> int:
 
 async def _main(config: Config, mountpoint: str) -> int:
     command = _Command()
-    status = 1
+    status: int | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_handle_signals, command, nursery.cancel_scope)
         async with environment(config, mountpoint) as env:
             status = await _run_command(env, command)
         nursery.cancel_scope.cancel()
-    if command.signals and command.process is None:
-        return 130
+    if status is None:
+        # Interrupted before the command could finish.
+        return 128 + command.signals[0] if command.signals else 1
     return status
 
 

@@ -62,9 +62,7 @@ class Finished:
         return f"exit {self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
-def run_bounded(
-    argv: list[str], *, timeout: float, env: dict[str, str] | None = None
-) -> Finished:
+def run_bounded(argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> Finished:
     """Run ``argv`` from the repository root; on timeout SIGINT (clean teardown), then kill."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
