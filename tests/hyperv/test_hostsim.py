@@ -191,7 +191,7 @@ def test_sigterm_ends_everything() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
-        rest, err = process.communicate()
+        _, err = process.communicate()
     # The command got the signal and its status is hostsim's.
     assert process.returncode == 128 + signal.SIGTERM, err
     assert _gone(daemon, 5)
