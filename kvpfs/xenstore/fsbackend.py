@@ -348,6 +348,11 @@ class XenStoreBackend(Backend):
             return cls(path, **options)  # type: ignore[arg-type]
         return cls(path, embedded=True, **options)  # type: ignore[arg-type]
 
+    @property
+    def client(self) -> XenStoreClient | None:
+        """The connection while :meth:`run` runs (None otherwise)."""
+        return self._client
+
     def describe(self) -> str:
         """One line for the log: where the XenStore comes from."""
         if self.embedded:

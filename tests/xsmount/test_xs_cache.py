@@ -1,0 +1,237 @@
+"""The backend's cache without a mount: races between replies and watch events,
+churn, overflowed watch buffers, the embedded server run by the backend, and how
+the command line finds (or starts) a xenstored."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path as FsPath
+
+import pytest
+import trio
+
+from kvpfs.errors import FsError
+from kvpfs.fs.backend import Backend, Path
+from kvpfs.xenstore.client import XenStoreClient, XenStoreError
+from kvpfs.xenstore.fsbackend import XenStoreBackend, find_xenstored
+from tests.mounting import sh
+from tests.xsmount.conftest import ServerPath, XsMountFactory, dump, xs, xs_write
+
+
+class Sink:
+    """Records what the backend pushes."""
+
+    def __init__(self) -> None:
+        self.values: list[Path] = []
+        self.entries: list[tuple[Path, list[str]]] = []
+        self.changed = trio.Event()
+
+    def value_changed(self, backend: Backend, path: Path) -> None:
+        self.values.append(path)
+        self.changed.set()
+
+    def entries_changed(self, backend: Backend, directory: Path, names: Sequence[str]) -> None:
+        self.entries.append((directory, list(names)))
+        self.changed.set()
+
+    def mark(self) -> int:
+        return len(self.entries)
+
+    async def wait_for(self, directory: Path, name: str, since: int) -> None:
+        """Until a change of ``directory/name`` was pushed after ``since`` (as that
+        entry, or as the unknown ancestor it was created under)."""
+        target = (*directory, name)
+        with trio.fail_after(5):
+            while not any(
+                target[: len(d) + 1] == (*d, *n)
+                for d, n in self.entries[since:]
+                if len(n) == 1
+            ):
+                self.changed = trio.Event()
+                await self.changed.wait()
+
+
+async def started(nursery: trio.Nursery, server: str, **options: object) -> tuple[XenStoreBackend, Sink]:
+    backend = XenStoreBackend(server, **options)  # type: ignore[arg-type]
+    sink = Sink()
+    await nursery.start(backend.run, sink)
+    return backend, sink
+
+
+def patch(client: XenStoreClient, name: str, wrapper: Callable[..., Awaitable[object]]) -> None:
+    # An instance attribute wins over the method: only this client is affected.
+    setattr(client, name, wrapper)
+
+
+async def test_reply_older_than_an_event_is_not_kept(xenstored: ServerPath) -> None:
+    await xs_write(xenstored, "/race/k", "v1", "/race/j", "1")
+    async with trio.open_nursery() as nursery, XenStoreClient(xenstored) as other:
+        backend, sink = await started(nursery, xenstored)
+        client = backend.client
+        assert client is not None
+        real_read, real_directory = client.read, client.directory
+
+        async def read_then_change(path: str | bytes) -> bytes:
+            value = await real_read(path)
+            # Someone writes after the server answered; the watch task applies the
+            # event before this (older) reply is stored.
+            mark = sink.mark()
+            await other.write("/race/k", b"v2")
+            await sink.wait_for(("race",), "k", mark)
+            return value
+
+        patch(client, "read", read_then_change)
+        assert await backend.read(("race", "k")) == b"v1"  # the caller asked before
+        patch(client, "read", real_read)
+        assert await backend.read(("race", "k")) == b"v2"  # but v1 was not kept
+
+        async def list_then_add(path: str | bytes) -> list[str]:
+            names = await real_directory(path)
+            if path == "/race":
+                mark = sink.mark()
+                await other.write("/race/new", b"x")
+                await sink.wait_for(("race",), "new", mark)
+            return names
+
+        patch(client, "directory", list_then_add)
+        assert [n for n, _ in await backend.listdir(("race",))] == ["k", "j"]
+        patch(client, "directory", real_directory)
+        assert [n for n, _ in await backend.listdir(("race",))] == ["k", "j", "new"]
+        nursery.cancel_scope.cancel()
+
+
+async def walk(backend: XenStoreBackend, path: Path = ()) -> dict[str, bytes | None]:
+    """Every node below ``path`` as the backend shows it: value of files, None for
+    directories."""
+    out: dict[str, bytes | None] = {}
+    for name, node in await backend.listdir(path):
+        child = (*path, name)
+        if node.kind.value == "dir":
+            out["/" + "/".join(child)] = None
+            out.update(await walk(backend, child))
+        else:
+            out["/" + "/".join(child)] = await backend.read(child)
+    return out
+
+
+async def test_churn_leaves_no_stale_entry(xenstored: ServerPath) -> None:
+    rng = random.Random(7)
+    names = [f"/churn/{a}/{b}" for a in "abcd" for b in "wxyz"]
+    await xs_write(xenstored, *[x for n in names for x in (n, "0")])
+    async with trio.open_nursery() as nursery, XenStoreClient(xenstored) as other:
+        backend, sink = await started(nursery, xenstored)
+        stop = trio.Event()
+
+        async def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                node = rng.choice(names)
+                if rng.random() < 0.15:
+                    with contextlib.suppress(XenStoreError):  # its parent may be gone
+                        await other.rm(node.rsplit("/", 1)[0] if rng.random() < 0.3 else node)
+                else:
+                    await other.write(node, str(i))
+                await trio.sleep(0)
+
+        async def reader() -> None:
+            while not stop.is_set():
+                # Nodes vanish under the walk (ENOENT, ENOTDIR): only the end counts.
+                with contextlib.suppress(FsError):
+                    await walk(backend, ("churn",))
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(writer)
+            for _ in range(3):
+                inner.start_soon(reader)
+            await trio.sleep(1.5)
+            stop.set()
+        # Quiet: the last event processed, then the cache must equal the store.
+        mark = sink.mark()
+        await other.write("/churn-done", b"1")
+        await sink.wait_for((), "churn-done", mark)
+        tree = await dump(xenstored)
+        paths = [p for p, *_ in tree]
+        truth = {
+            p.decode(): None if any(q.startswith(p + b"/") for q in paths) else v
+            for p, v, *_ in tree
+            if p.startswith(b"/churn/")
+        }
+        # Whatever the cache kept through the churn is current.
+        assert await walk(backend, ("churn",)) == truth
+        nursery.cancel_scope.cancel()
+
+
+async def test_overflowed_watch_drops_the_cache(xenstored: ServerPath) -> None:
+    await xs_write(xenstored, *[x for i in range(10) for x in (f"/ov/n{i}", "old")])
+    async with trio.open_nursery() as nursery:
+        backend, sink = await started(nursery, xenstored, watch_capacity=2)
+        assert (await walk(backend, ("ov",)))["/ov/n9"] == b"old"
+        # The loop is blocked while 10 changes happen: their events arrive at once,
+        # more than the watch holds.
+        subprocess.run(
+            ["xenstore-write", *[x for i in range(10) for x in (f"/ov/n{i}", "new")]],
+            env={**os.environ, "XENSTORED_PATH": xenstored},
+            check=True,
+        )
+        mark = sink.mark()
+        await xs_write(xenstored, "/ov-done", "1")
+        await sink.wait_for((), "ov-done", mark)
+        assert set((await walk(backend, ("ov",))).values()) == {b"new"}
+        # The gap was pushed for everything the cache still held.
+        assert any(d == ("ov",) and len(names) > 2 for d, names in sink.entries)
+        nursery.cancel_scope.cancel()
+
+
+async def test_embedded_server_run_by_the_backend(mount, tmp_path: FsPath) -> None:  # type: ignore[no-untyped-def]
+    sock = str(tmp_path / "run" / "xenstored.sock")
+    backend = XenStoreBackend(sock, embedded=True)
+    session = await mount([backend])
+    x = f"{session.mountpoint}/xenstore"
+    await xs_write(sock, "/local/domain/0/name", "Domain-0")
+    assert (await sh(f"ls -U {x} && cat {x}/local/domain/0/name")).stdout == b"tool\nlocal\nDomain-0\n"
+    await sh(f"echo hello > {x}/greeting")
+    assert await xs(sock, "xenstore-read", "/greeting") == b"hello\n"
+    await session.stop()
+    assert not os.path.exists(sock)
+
+
+def test_find_xenstored(xenstored_embedded: ServerPath, tmp_path: FsPath) -> None:
+    assert find_xenstored({"XENSTORED_PATH": xenstored_embedded}) == xenstored_embedded
+    # A socket file nobody listens on, and no xenbus device: nothing found.
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(dead / "socket"))
+    s.close()
+    assert find_xenstored({"XENSTORED_RUNDIR": str(dead)}) is None or os.path.exists("/dev/xen/xenbus")
+    if not os.path.exists("/dev/xen/xenbus") and not os.path.exists("/proc/xen/xenbus"):
+        chosen = XenStoreBackend.for_mount(
+            env={"XENSTORED_RUNDIR": str(dead), "XDG_RUNTIME_DIR": str(tmp_path)}
+        )
+        assert chosen.embedded and chosen.socket_path == str(tmp_path / "kvpfs" / "xenstored.sock")
+    explicit = XenStoreBackend.for_mount(str(dead / "socket"))
+    assert not explicit.embedded and explicit.socket_path == str(dead / "socket")
+    found = XenStoreBackend.for_mount(env={"XENSTORED_PATH": xenstored_embedded})
+    assert not found.embedded and found.socket_path == xenstored_embedded
+
+
+@pytest.mark.mount
+async def test_guest_sees_changes_without_a_cache(xsmount: XsMountFactory, xenstored_guests: ServerPath) -> None:
+    home = "/local/domain/1"
+    await xs_write(xenstored_guests, f"{home}/k", "1")
+    await xs(xenstored_guests, "xenstore-chmod", home, "n1")
+    await xs(xenstored_guests, "xenstore-chmod", f"{home}/k", "n1")
+    m = await xsmount(xenstored_guests.domain_sockets[1], domid=1)
+    k = f"{m.dir}{home}/k"
+    assert (await sh(f"cat {k}")).stdout == b"1\n"
+    env = {"XENSTORED_PATH": xenstored_guests}
+    assert (await sh(f"xenstore-write {home}/k 2 && cat {k}", env=env)).stdout == b"2\n"
+    assert (await sh(f"xenstore-write {home}/n 3 && ls -U {m.dir}{home}", env=env)).stdout == b"k\nn\n"
