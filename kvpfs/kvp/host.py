@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -150,6 +150,16 @@ class KvpHost:
         self._lock = trio.Lock()
         #: Requests sent, for statistics and tests.
         self.requests = 0
+        #: Called with (pool, key, value) after each successful SET and with
+        #: (pool, key, None) after each DELETE: the host knows what it changed.
+        self.listeners: list[Callable[[int, str, str | None], None]] = []
+
+    def _changed(self, pool: int, key: str, value: str | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(pool, key, value)
+            except Exception:
+                log.exception("host: change listener failed")
 
     # -- one request ---------------------------------------------------------------------
 
@@ -204,6 +214,13 @@ class KvpHost:
             _host_string(value, m.HOST_FIELD_VALUE_UNITS, errno.EFBIG, "value")
             value_type = m.REG_SZ
         await self._checked(m.HostRequest(m.Op.SET, number, key, value, value_type))
+        stored, text = m.delivered(m.HostRequest(m.Op.SET, number, key, value, value_type))
+        # What the host reads back is what the daemon stored, as the kernel converts it.
+        self._changed(
+            number,
+            m.units_to_str(m.utf8_to_utf16(stored, m.HOST_MAX_KEY_UNITS)),
+            m.units_to_str(m.utf8_to_utf16(text, m.HOST_MAX_VALUE_UNITS)),
+        )
 
     async def delete(self, pool: int, key: str) -> None:
         number = _pool(pool)
@@ -211,6 +228,8 @@ class KvpHost:
             raise HostError(errno.EROFS, f"the host does not write the {_NAMES[number]} pool")
         _host_string(key, m.HOST_FIELD_KEY_UNITS, errno.ENAMETOOLONG, "key")
         await self._checked(m.HostRequest(m.Op.DELETE, number, key))
+        stored, _ = m.delivered(m.HostRequest(m.Op.DELETE, number, key))
+        self._changed(number, m.units_to_str(m.utf8_to_utf16(stored, m.HOST_MAX_KEY_UNITS)), None)
 
     async def get(self, pool: int, key: str) -> str:
         """A GET as the kernel carries it: the value comes back empty (see the module doc

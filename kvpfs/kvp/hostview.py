@@ -23,9 +23,16 @@ refused before anything is sent: a key or value that is not UTF-8 is EILSEQ, a
 key the kernel would cut to 511 bytes ENAMETOOLONG, a value it would cut to 2047
 bytes EFBIG.
 
-Names are the keys, escaped as in ``kvp/`` (:mod:`kvpfs.kvp.names`).  Lookups
-may use the last enumeration for up to ``cache_ttl`` seconds, so that ``ls -l``
-costs one enumeration and not one per file; reads never do.
+Names are the keys, escaped as in ``kvp/`` (:mod:`kvpfs.kvp.names`).  A lookup
+(``stat``, and the lookup before every ``open`` or create) answers from the last
+enumeration while it is younger than ``cache_ttl`` seconds, and enumerates
+afresh otherwise: one enumeration per second at most, instead of one per file,
+which matters because the daemon rereads the whole pool file for every single
+request.  Listing and reading always ask the daemon.  What the host itself sets
+or deletes (through this view or any other user of the same
+:class:`~kvpfs.kvp.host.KvpHost`) is applied to that enumeration at once; what
+the guest changes shows in lookups within ``cache_ttl``, like the kernel's own
+attribute cache.
 """
 
 from __future__ import annotations
@@ -96,6 +103,18 @@ class HostBackend(Backend):
         self.cache_ttl = cache_ttl
         self._snapshots: dict[str, _Snapshot] = {}
         self._warned: dict[str, int] = {}
+        self._dirs = {int(pool): directory for directory, pool in POOL_DIRS.items()}
+        host.listeners.append(self._host_changed)
+
+    def _host_changed(self, pool: int, key: str, value: str | None) -> None:
+        snapshot = self._snapshots.get(self._dirs.get(pool, ""))
+        if snapshot is None:
+            return
+        name = _name_of(_host_bytes(key))
+        if value is None:
+            snapshot.values.pop(name, None)
+        else:
+            snapshot.values[name] = _host_bytes(value)
 
     # -- enumeration -----------------------------------------------------------------------
 
@@ -157,11 +176,11 @@ class HostBackend(Backend):
         if len(path) == 1:
             return Node(NodeKind.DIR, writable=writable)
         snapshot = self._snapshots.get(path[0])
-        value: bytes | None = None
-        if snapshot is not None and trio.current_time() - snapshot.taken < self.cache_ttl:
-            value = snapshot.values.get(path[1])
+        if snapshot is None or trio.current_time() - snapshot.taken >= self.cache_ttl:
+            snapshot = await self._enumerate(path[0])
+        value = snapshot.values.get(path[1])
         if value is None:
-            value = await self._find(path[0], path[1])
+            raise FsError(errno.ENOENT)
         if len(path) > 2:
             raise FsError(errno.ENOTDIR)
         return Node(NodeKind.FILE, size=len(value), writable=writable)
@@ -221,7 +240,7 @@ class HostBackend(Backend):
         self._new_key(pool, name)
 
     async def write(self, path: Path, value: bytes) -> None:
-        directory, pool, name = self._target(path)
+        _, pool, name = self._target(path)
         key = self._new_key(pool, name)
         try:
             text = value.decode("utf-8")
@@ -241,16 +260,10 @@ class HostBackend(Backend):
                 errno.EFBIG, f"the kernel would store only {len(stored)} of the value's bytes"
             )
         await self.host.set(pool, key, text)
-        snapshot = self._snapshots.get(directory)
-        if snapshot is not None:
-            snapshot.values[name] = value
 
     async def remove(self, path: Path) -> None:
-        directory, pool, name = self._target(path)
+        _, pool, name = self._target(path)
         await self.host.delete(pool, _host_key(name, errno.ENOENT))
-        snapshot = self._snapshots.get(directory)
-        if snapshot is not None:
-            snapshot.values.pop(name, None)
 
     async def rename(self, old: Path, new: Path, *, replace: bool) -> None:
         if len(old) == 2 and len(new) == 2 and old[0] != new[0]:
@@ -269,10 +282,6 @@ class HostBackend(Backend):
                 raise FsError(errno.EEXIST)
         await self.host.set(pool, new_key, value.decode("utf-8"))
         await self.host.delete(pool, _host_key(old_name, errno.ENOENT))
-        snapshot = self._snapshots.get(directory)
-        if snapshot is not None:
-            snapshot.values.pop(old_name, None)
-            snapshot.values[new_name] = value
 
     async def mkdir(self, path: Path) -> None:
         raise FsError(errno.EROFS if self.read_only else errno.EPERM)

@@ -152,16 +152,41 @@ async def test_freshness(rig: Rig) -> None:
     assert [n for n, _ in await view.listdir(("guest",))] == ["g"]
     # The guest changes its pool behind the host's back.
     daemon.pools[1] = [[b"g", b"22"], [b"h", b"3"]]
-    # A lookup within the cache time may use the listing; a read never does.
+    # Lookups answer from the listing while it is younger than the cache time;
+    # reads always ask the daemon.
+    before = len(daemon.requests)
     assert (await view.lookup(("guest", "g"))).size == 1
+    assert await errno_of(view.lookup(("guest", "h"))) == errno.ENOENT
+    assert len(daemon.requests) == before
     assert await view.read(("guest", "g")) == b"22"
     assert (await view.lookup(("guest", "g"))).size == 2
-    # A name missing from the listing is looked up afresh.
+    await trio.sleep(0.6)
+    # Older than that: one enumeration, then answers from it.
     assert (await view.lookup(("guest", "h"))).size == 1
+    before = len(daemon.requests)
+    assert (await view.lookup(("guest", "g"))).size == 2
+    assert len(daemon.requests) == before
     daemon.pools[1] = []
+    assert await errno_of(view.read(("guest", "h"))) == errno.ENOENT
     await trio.sleep(0.6)
     assert await errno_of(view.lookup(("guest", "g"))) == errno.ENOENT
-    assert await errno_of(view.read(("guest", "h"))) == errno.ENOENT
+
+
+async def test_the_host_knows_its_own_changes(rig: Rig) -> None:
+    view, host = rig.view, rig.host
+    assert await view.listdir(("external",)) == []
+    # Through the view or the host API directly: the listing is updated at once.
+    await host.set(0, "api", "1")
+    await view.write(("external", "file"), b"2")
+    before = len(rig.daemon.requests)
+    assert (await view.lookup(("external", "api"))).size == 1
+    assert (await view.lookup(("external", "file"))).size == 1
+    await host.delete(0, "api")
+    assert await errno_of(view.lookup(("external", "api"))) == errno.ENOENT
+    assert len(rig.daemon.requests) == before + 1  # only the DELETE
+    # What the host reads back is what the kernel delivered: a cut value shows cut.
+    await host.set(0, "long", "€" * 700)
+    assert (await view.lookup(("external", "long"))).size == 3 * 682
 
 
 async def test_enumeration_failures(rig: Rig) -> None:
