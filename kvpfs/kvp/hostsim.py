@@ -526,15 +526,23 @@ async def environment(
     syslog = SyslogSink(echo=config.verbose)
     async with trio.open_nursery() as nursery:
         await nursery.start(syslog.serve, "/dev/log")
-        session: Session = await nursery.start(
-            functools.partial(serve, handle_signals=False),
-            ops,
-            mountpoint,
-            fuse_options(fsname="kvpfs-hostsim"),
-        )
+        try:
+            session: Session = await nursery.start(
+                functools.partial(serve, handle_signals=False),
+                ops,
+                mountpoint,
+                fuse_options(fsname="kvpfs-hostsim"),
+            )
+        except RuntimeError as exc:
+            raise HostsimError(f"mounting kvpfs on {mountpoint} failed: {exc}") from None
         env = Environment(config, mountpoint, device, host, session, syslog, nursery)
         try:
-            await trio.to_thread.run_sync(_bind_device, mountpoint)
+            try:
+                await trio.to_thread.run_sync(_bind_device, mountpoint)
+            except OSError as exc:
+                raise HostsimError(
+                    f"cannot put the device at {DEVICE_DIR}: {exc.strerror or exc}"
+                ) from None
             if start:
                 await env.start_daemon()
                 await env.wait_ready()
@@ -630,6 +638,26 @@ async def _main(config: Config, mountpoint: str) -> int:
     return status
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> HostsimError | OSError | None:
+    """The error to tell the user about, from the exceptions of nested nurseries."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_leaf(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, (HostsimError, OSError)):
+            return exc
+    return None
+
+
+def _report(exc: HostsimError | OSError) -> int:
+    if isinstance(exc, HostsimError):
+        print(f"kvpfs hostsim: {exc}", file=sys.stderr)
+        return exc.status
+    print(f"kvpfs hostsim: {exc.strerror or exc}", file=sys.stderr)
+    return 1
+
+
 def run_hostsim(argv: Sequence[str]) -> int:
     """The ``kvpfs hostsim`` command; returns the exit status."""
     try:
@@ -649,22 +677,15 @@ def run_hostsim(argv: Sequence[str]) -> int:
             made = tempfile.mkdtemp(prefix="kvpfs-hostsim-")
         mountpoint = os.path.abspath(config.mountpoint or made or "")
         return trio.run(_main, config, mountpoint)
-    except HostsimError as exc:
-        print(f"kvpfs hostsim: {exc}", file=sys.stderr)
-        return exc.status
+    except (HostsimError, OSError) as exc:
+        return _report(exc)
     except BaseExceptionGroup as group:
-        found = group.subgroup(HostsimError)
-        if found is None:
+        leaf = _first_leaf(group)
+        if leaf is None:
             raise
-        first = found.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        assert isinstance(first, HostsimError)
-        print(f"kvpfs hostsim: {first}", file=sys.stderr)
-        return first.status
-    except OSError as exc:
-        print(f"kvpfs hostsim: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _report(leaf)
+    except KeyboardInterrupt:
+        return 130
     finally:
         if made is not None:
             with contextlib.suppress(OSError):

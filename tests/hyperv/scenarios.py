@@ -9,6 +9,7 @@ and are read directly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -559,6 +560,27 @@ async def nonblocking_client(env: Environment) -> None:
     assert seen[2] == m.RegisterMessage(m.Op.REGISTER1, b"3.1")
     assert seen[3] == 0
     assert seen[4] == m.EnumerateMessage(0, 0)
+
+
+# -- teardown after a failure ----------------------------------------------------------
+
+
+@scenario(time_limit=20.0)
+async def failing_mid_request(env: Environment) -> None:
+    """Fails on purpose with a request in flight, the daemon stuck on a pool lock and a
+    stray process in the namespace: the teardown must still leave nothing behind."""
+    stray = await trio.lowlevel.open_process(["sleep", "60"], start_new_session=True)
+    print(f"stray {stray.pid}", flush=True)
+    PoolLock(0)  # never released: the daemon blocks inside the next request
+
+    async def blocked_set() -> None:
+        with contextlib.suppress(HostError):
+            await env.host.set(0, "Never", "x")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(blocked_set)
+        await wait_delivered(env)
+        raise AssertionError("failing on purpose, mid-request")
 
 
 # -- a long mixed run ----------------------------------------------------------------------

@@ -217,10 +217,10 @@ async def run_soak(env: Environment, *, ops: int, seed: int = 20240601) -> None:
     assert _records(0) == model.pools[0]
     assert _records(3) == model.pools[3]
     # The guest pool: the guest's model plus every appended record, once each.
-    guest = results["guest"]
+    guest_model = results["guest"]
     appended = results["appended"]
-    assert isinstance(guest, dict) and isinstance(appended, list)
-    expected1 = {**guest, **dict(appended)}
+    assert isinstance(guest_model, dict) and isinstance(appended, list)
+    expected1 = {**guest_model, **dict(appended)}
     records1 = _records(1)
     assert len(records1) == len(expected1), (len(records1), len(expected1))
     assert dict(records1) == expected1

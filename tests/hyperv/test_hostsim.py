@@ -155,7 +155,7 @@ def _wait_line(process: subprocess.Popen[str], prefix: str) -> str:
             return line.split(" ", 1)[1].strip()
         if not line:
             break
-    raise AssertionError(f"no {prefix!r} line from {process.args}")
+    raise AssertionError(f"no {prefix!r} line from {process.args!r}")
 
 
 def _gone(pid: int, within: float) -> bool:
