@@ -97,7 +97,8 @@ def _mount_parser() -> argparse.ArgumentParser:
         description="Mount Hyper-V KVP pools (and XenStore) as files.",
         epilog=MOUNT_OPTIONS_HELP
         + "\nother commands:\n  kvpfs xenstored --socket PATH   run the embedded xenstored\n"
-        "  kvpfs unmount MOUNTPOINT         unmount (lazily if busy)\n",
+        "  kvpfs unmount MOUNTPOINT         unmount (lazily if busy)\n"
+        "  kvpfs hostsim -- COMMAND         run COMMAND beside a simulated Hyper-V host\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("mountpoint")
@@ -334,6 +335,11 @@ def run_xenstored(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "hostsim":
+        # First: unshare(CLONE_NEWNS) needs a process that has started no thread.
+        from kvpfs.kvp.hostsim import run_hostsim
+
+        return run_hostsim(args[1:])
     try:
         if args and args[0] == "unmount":
             return run_unmount(args[1:])

@@ -164,6 +164,13 @@ class Backend(ABC):
         """
         task_status.started()
 
+    def terminating(self) -> None:
+        """The mount is asked to end: wake whatever would hold it up (a blocked read).
+
+        Called on the trio thread before the request loop is told to stop.
+        """
+        return None
+
     async def aclose(self) -> None:
         """Release resources at unmount (after :meth:`run` was cancelled)."""
         return None

@@ -56,6 +56,11 @@ class Session:
         """Ask the request loop to end (graceful: pending data is committed)."""
         # pyfuse3.terminate() on a finished session dereferences a NULL session.
         if not self._loop_finished:
+            for backend in self.ops.backends.values():
+                try:
+                    backend.terminating()
+                except Exception:
+                    log.exception("backend %s failed to prepare for unmount", backend.name)
             pyfuse3.terminate()
 
     def cancel(self) -> None:

@@ -646,9 +646,21 @@ class Operations(pyfuse3.Operations):
             raise
         finally:
             if ino.extra.get("pending") is handle:
+                # A new file whose value was refused never existed in the store; the
+                # kernel still holds a positive entry from create() that would make
+                # the next open of the name fail with ENOENT.
                 del ino.extra["pending"]
+                self._forget_name(ino)
             ino.open_count -= 1
             self.inodes.drop_if_unused(ino)
+
+    def _forget_name(self, ino: Inode) -> None:
+        if ino.backend is None or not ino.path:
+            return
+        parent = self.inodes.find(ino.backend, ino.path[:-1])
+        if parent is not None:
+            self.invalidator.entry(parent, ino.path[-1])
+        self.invalidator.inode(ino)
 
     async def commit_all(self) -> None:
         """Store what open handles still hold (the mount is ending under them)."""

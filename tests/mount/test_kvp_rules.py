@@ -154,3 +154,16 @@ async def test_every_key_has_one_reachable_name(mount, pools: Pools) -> None:  #
 async def test_statfs_name_length(mount, pools: Pools) -> None:  # noqa: F811
     _, kvp = await mount_kvp(mount, pools)
     assert (await in_thread(os.statvfs, kvp)).f_namemax >= 511
+
+
+async def test_refused_new_key_leaves_no_name_behind(mount, pools: Pools) -> None:  # noqa: F811
+    from kvpfs.fs.operations import FsOptions
+
+    _, kvp = await mount_kvp(mount, pools, options=FsOptions(attr_timeout=60))
+    # coreutils report a failed close of stdout (bash ignores it for its own redirections).
+    result = await sh(f"printf '%02000d' 0 | cat > {kvp}/guest/Fresh", check=False)
+    assert result.returncode != 0 and b"File too large" in result.stderr
+    assert pools.bytes("guest") == b""
+    # The kernel's entry from create() is dropped, so the name can be used at once.
+    await sh(f"echo ok > {kvp}/guest/Fresh")
+    assert pools.bytes("guest") == rec(b"Fresh", b"ok")
