@@ -394,5 +394,9 @@ class VmbusBackend(Backend):
             raise FsError(errno.EISDIR)
         return await self.device.open(flags)
 
+    def terminating(self) -> None:
+        # A daemon blocked in read() would hold the unmount until the grace ends.
+        self.device.shutdown()
+
     async def aclose(self) -> None:
         self.device.shutdown()
