@@ -57,6 +57,9 @@ class Node:
 class Stream(ABC):
     """An open STREAM file.  Reads may wait (a blocking device read)."""
 
+    #: See :attr:`Backend.bounds_own_calls`.
+    bounds_own_calls: bool = False
+
     @abstractmethod
     async def read(self, size: int) -> bytes: ...
 
@@ -91,6 +94,11 @@ class Backend(ABC):
 
     #: Name of the backend's top-level directory in the mount.
     name: str
+
+    #: True if every call returns or fails within a bound of the backend's own
+    #: (lock timeouts, request timeouts); the FUSE layer then adds no timeout of
+    #: its own.  Otherwise each call is cut off after the mount's ``timeout``.
+    bounds_own_calls: bool = False
 
     #: What writing a node that is not ``writable`` gives: a read-only KVP pool is
     #: EROFS, a XenStore node the connection may not write is EACCES.

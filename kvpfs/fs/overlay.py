@@ -33,6 +33,8 @@ class Overlay:
     # scratch files
 
     def get(self, backend: Backend, path: Path) -> ScratchFile | None:
+        if not self._files:  # the common case, on every request
+            return None
         return self._files.get((id(backend), path))
 
     def put(self, backend: Backend, path: Path, scratch: ScratchFile) -> None:
@@ -57,7 +59,7 @@ class Overlay:
         self._hidden[key] = self._hidden.get(key, 0) + 1
 
     def is_hidden(self, backend: Backend, path: Path) -> bool:
-        return (id(backend), path) in self._hidden
+        return bool(self._hidden) and (id(backend), path) in self._hidden
 
     def unhide(self, backend: Backend, path: Path) -> None:
         """A new value for ``path`` was committed: the moved-away copy no longer owns it."""

@@ -50,6 +50,8 @@ class KvpBackend(Backend):
     """The pool files of one directory as the ``kvp`` tree."""
 
     name = "kvp"
+    # Pool I/O is local; the only wait, for another writer's lock, has lock_timeout.
+    bounds_own_calls = True
     #: Longest filename a key can get, for statfs's namemax.
     max_name_bytes = MAX_NAME_BYTES
 
