@@ -321,7 +321,6 @@ class XenStoreBackend(Backend):
         self._flights: dict[tuple[str, Path], _Flight] = {}
         #: Childless nodes this mount made with mkdir: directories while they exist.
         self._made_dirs: set[Path] = set()
-        self._limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
 
     @classmethod
     def for_mount(
@@ -447,10 +446,13 @@ class XenStoreBackend(Backend):
                 if not started:
                     raise
                 log.warning("xenstore: the watch on / ended: %s", exc)
-            finally:
                 self._watching = False
                 self._watch_pending = None
                 self._reset(push=True)
+            finally:
+                # (At unmount there is nothing to tell the kernel any more.)
+                self._watching = False
+                self._watch_pending = None
             # Not connected, or the watch could not be registered again: retry.
             await trio.sleep(0.1)
             await client.wait_connected()
@@ -784,12 +786,20 @@ class XenStoreBackend(Backend):
     async def lookup(self, path: Path) -> Node:
         if not path:
             return Node(NodeKind.DIR, writable=self.privileged and not self.read_only)
-        await self._ready()
+        self._live()
         c = self._find(path) if self._caching else None
-        if c is None:
+        if c is not None:
+            node = self._node_of(path, c)
+            if node is not None:
+                # Only attributes ride on this (the kernel caches them anyway and
+                # the watch pushes their changes); no need to catch up first.
+                return node
+        else:
             # Only names that are in the cache are known to be valid.
             self._existing(path)
-        node = await self._node(path, c)
+            # "No such node" must not come from an event not yet taken in.
+            await self._ready()
+        node = await self._node(path, self._find(path) if self._caching else None)
         if node is None:
             raise FsError(errno.ENOENT)
         return node
@@ -818,18 +828,22 @@ class XenStoreBackend(Backend):
     async def _fetch_many(
         self, path: Path, names: list[str], nodes: dict[str, Node | None]
     ) -> None:
+        """Fetch the children's types (and files' sizes) with many requests in
+        flight: a listing costs a few round trips, not one per child."""
         errors: list[FsError] = []
+        pending = iter(names)
 
-        async def one(name: str) -> None:
-            async with self._limiter:
+        async def worker() -> None:
+            for name in pending:
                 try:
                     nodes[name] = await self._node((*path, name), None)
                 except FsError as exc:
                     errors.append(exc)
+                    return
 
         async with trio.open_nursery() as nursery:
-            for name in names:
-                nursery.start_soon(one, name)
+            for _ in range(min(len(names), FETCH_CONCURRENCY)):
+                nursery.start_soon(worker)
         if errors:
             raise errors[0]
 

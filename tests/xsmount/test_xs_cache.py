@@ -19,7 +19,8 @@ from kvpfs.fs.backend import Backend, Path
 from kvpfs.xenstore.client import XenStoreClient, XenStoreError
 from kvpfs.xenstore.fsbackend import XenStoreBackend, find_xenstored
 from tests.mounting import sh
-from tests.xsmount.conftest import ServerPath, XsMountFactory, dump, xs, xs_write
+from tests.xenstore.conftest import ServerPath
+from tests.xsmount.conftest import XsMountFactory, dump, xs, xs_write
 
 
 class Sink:
@@ -232,6 +233,6 @@ async def test_guest_sees_changes_without_a_cache(xsmount: XsMountFactory, xenst
     m = await xsmount(xenstored_guests.domain_sockets[1], domid=1)
     k = f"{m.dir}{home}/k"
     assert (await sh(f"cat {k}")).stdout == b"1\n"
-    env = {"XENSTORED_PATH": xenstored_guests}
+    env = {"XENSTORED_PATH": str(xenstored_guests)}
     assert (await sh(f"xenstore-write {home}/k 2 && cat {k}", env=env)).stdout == b"2\n"
     assert (await sh(f"xenstore-write {home}/n 3 && ls -U {m.dir}{home}", env=env)).stdout == b"k\nn\n"

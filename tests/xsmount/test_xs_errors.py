@@ -20,9 +20,9 @@ import trio
 
 from kvpfs.fs.operations import FsOptions
 from tests.mounting import in_thread, sh, write_bytes
+from tests.xenstore.conftest import ServerPath
 from tests.xsmount.conftest import (
     Restartable,
-    ServerPath,
     XsMountFactory,
     dump,
     errno_of,
