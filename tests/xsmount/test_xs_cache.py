@@ -16,7 +16,7 @@ import trio
 
 from kvpfs.errors import FsError
 from kvpfs.fs.backend import Backend, Path
-from kvpfs.xenstore.client import XenStoreClient, XenStoreError
+from kvpfs.xenstore.client import Transaction, XenStoreClient, XenStoreError
 from kvpfs.xenstore.fsbackend import XenStoreBackend, find_xenstored
 from tests.mounting import sh
 from tests.xenstore.conftest import ServerPath
@@ -236,3 +236,40 @@ async def test_guest_sees_changes_without_a_cache(xsmount: XsMountFactory, xenst
     env = {"XENSTORED_PATH": str(xenstored_guests)}
     assert (await sh(f"xenstore-write {home}/k 2 && cat {k}", env=env)).stdout == b"2\n"
     assert (await sh(f"xenstore-write {home}/n 3 && ls -U {m.dir}{home}", env=env)).stdout == b"k\nn\n"
+
+
+async def test_rename_retries_on_eagain(
+    xenstored: ServerPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await xs_write(xenstored, "/mv/old", "v1")
+    async with trio.open_nursery() as nursery, XenStoreClient(xenstored) as other:
+        backend, _ = await started(nursery, xenstored)
+        attempts: list[str] = []
+        real_read = Transaction.read
+
+        async def read_then_conflict(self: Transaction, path: str | bytes) -> bytes:
+            value = await real_read(self, path)
+            if path == "/mv/old":
+                attempts.append(value.decode())
+                if len(attempts) == 1:
+                    # Between the transaction's read and its commit: EAGAIN.
+                    await other.write("/mv/old", b"v2")
+            return value
+
+        monkeypatch.setattr(Transaction, "read", read_then_conflict)
+        await backend.rename(("mv", "old"), ("mv", "new"), replace=True)
+        monkeypatch.undo()
+        assert attempts == ["v1", "v2"]
+        assert await other.read("/mv/new") == b"v2"
+        assert not await other.exists("/mv/old")
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.mount
+async def test_guest_domid_is_read_from_its_home(xsmount: XsMountFactory, xenstored_guests: ServerPath) -> None:
+    home = "/local/domain/1"
+    await xs_write(xenstored_guests, f"{home}/domid", "1", f"{home}/k", "v")
+    await xs(xenstored_guests, "xenstore-chmod", "-r", home, "n1")
+    m = await xsmount(xenstored_guests.domain_sockets[1])
+    # Owner 1 may read and write: only known because the mount learned it is domain 1.
+    assert (await sh(f"stat -c %A {m.dir}{home}/k")).stdout == b"-rw-r--r--\n"

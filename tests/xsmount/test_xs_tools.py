@@ -84,7 +84,7 @@ async def test_echo_cat_append_rm(xsmount: XsMountFactory, xenstored: str) -> No
     await sh(f"echo x > {d}/new")
     assert (await sh(f"cat {d}/new")).stdout == b"x\n"
     await sh(f"echo more >> {d}/new")
-    await sh(f"printf 'no newline' > {d}/raw")
+    await sh(f"printf 'no newline at all' > {d}/raw && truncate -s 10 {d}/raw")
     assert await xs(xenstored, "xenstore-read", "-R", "/local/domain/1/new") == b"x\nmore"
     assert await xs(xenstored, "xenstore-read", "/local/domain/1/raw") == b"no newline\n"
     after = await dump(xenstored)
