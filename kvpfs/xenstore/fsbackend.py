@@ -336,16 +336,14 @@ class XenStoreBackend(Backend):
         that answers at libxenstore's locations; else an embedded xenstored served by
         the mount itself on :func:`default_embedded_socket` (or, if another kvpfs
         already serves one there, that one)."""
-        options = {"env": env, "read_only": read_only, "timeout": timeout, "domid": domid}
-        if socket_path:
-            return cls(socket_path, **options)  # type: ignore[arg-type]
-        found = find_xenstored(env)
-        if found is not None:
-            return cls(found, **options)  # type: ignore[arg-type]
-        path = default_embedded_socket(env)
-        if _socket_alive(path):
-            return cls(path, **options)  # type: ignore[arg-type]
-        return cls(path, embedded=True, **options)  # type: ignore[arg-type]
+        embedded = False
+        path = socket_path or find_xenstored(env)
+        if path is None:
+            path = default_embedded_socket(env)
+            embedded = not _socket_alive(path)
+        return cls(
+            path, embedded=embedded, env=env, read_only=read_only, timeout=timeout, domid=domid
+        )
 
     @property
     def client(self) -> XenStoreClient | None:
@@ -436,6 +434,7 @@ class XenStoreBackend(Backend):
                         else:
                             log.info("xenstore: %s; dropping the cache", type(item).__name__)
                             self._reset(push=True)
+                            self._conn_epoch = client.connections
                         if not self._watching:
                             self._watching = True
                             self._conn_epoch = client.connections
@@ -925,7 +924,7 @@ class XenStoreBackend(Backend):
     async def check_new_name(self, path: Path) -> None:
         self._new(path)
         client = self._live()
-        if not self.privileged and len(path) > 1:
+        if not self.privileged:
             # Refuse at open() what the commit would refuse anyway.
             perms = await self._guest_perms_of(client, _xs(path[:-1]))
             if not self._access(perms) & Access.WRITE:

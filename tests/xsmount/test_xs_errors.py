@@ -129,6 +129,9 @@ async def test_guest_permissions(xsmount: XsMountFactory, xenstored_guests: Serv
         ("mkdir in a read-only directory", lambda: os.mkdir(f"{d}/dir/sub"), errno.EACCES),
         ("rm from a read-only directory", lambda: os.unlink(f"{d}/dir/x"), errno.EACCES),
         ("list /, which only dom0 may read", lambda: os.listdir(m.dir), errno.EACCES),
+        # Below a node it may not read, any name answers EACCES: it looks like an
+        # unreadable (but traversable) directory, so creating a file there is EISDIR.
+        ("create under /", lambda: create(f"{m.dir}/top"), errno.EISDIR),
         ("give the node away", lambda: os.setxattr(f"{d}/mine", "user.xenstore.perms", b"n2"), errno.EPERM),
         ("chmod someone else's node", lambda: os.setxattr(f"{d}/ro", "user.xenstore.perms", b"n0,b1"), errno.EACCES),
         ("over the guest node-size quota", lambda: create(f"{d}/mine", b"v" * 2100), errno.EDQUOT),
