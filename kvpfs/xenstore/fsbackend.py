@@ -1014,6 +1014,10 @@ class XenStoreBackend(Backend):
 
     async def rename(self, old: Path, new: Path, *, replace: bool) -> None:
         self._existing(old)
+        if not _valid_name(new[-1]):
+            # rename(2)'s EINVAL reads "cannot move k to a subdirectory of itself" in
+            # mv; EXDEV makes mv copy instead, and its create says "Invalid argument".
+            raise FsError(errno.EXDEV, f"{new[-1]!r}: XenStore names are A-Za-z0-9-_@ only")
         xs_new = self._new(new)
         client = self._live()
         xs_old = _xs(old)

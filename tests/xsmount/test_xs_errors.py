@@ -68,7 +68,7 @@ REFUSALS: list[tuple[str, Callable[[str], object], int]] = [
     ("unlink: a directory", lambda x: os.unlink(f"{x}/d"), errno.EISDIR),
     ("unlink: missing", lambda x: os.unlink(f"{x}/d/nothing"), errno.ENOENT),
     ("rename: directory", lambda x: os.rename(f"{x}/d", f"{x}/e"), errno.EXDEV),
-    ("rename: onto invalid name", lambda x: os.rename(f"{x}/d/k", f"{x}/d/k.bak"), errno.EINVAL),
+    ("rename: onto invalid name (mv then copies, and its create fails)", lambda x: os.rename(f"{x}/d/k", f"{x}/d/k.bak"), errno.EXDEV),
     ("rename: noreplace onto existing", lambda x: renameat2_noreplace(f"{x}/d/k", f"{x}/d/j"), errno.EEXIST),
     ("rename: missing", lambda x: os.rename(f"{x}/d/nothing", f"{x}/d/z"), errno.ENOENT),
     ("setxattr: bad permission letter", lambda x: os.setxattr(f"{x}/d/k", "user.xenstore.perms", b"q5"), errno.EINVAL),
@@ -94,6 +94,10 @@ async def test_refusals(xsmount: XsMountFactory, xenstored: str) -> None:
     await sh(f"echo mem > {x}/.hidden && echo mem > {x}/d/k~ && cat {x}/.hidden")
     assert await dump(xenstored) == before
     assert (await sh(f"ls -A {x}/d")).stdout == b"j\nk\nk~\n"
+    moved = await sh(f"mv {x}/d/j {x}/d/j.bak", check=False)
+    assert moved.returncode == 1 and b"cannot create regular file" in moved.stderr
+    assert b"Invalid argument" in moved.stderr
+    assert await dump(xenstored) == before
 
 
 async def test_guest_permissions(xsmount: XsMountFactory, xenstored_guests: ServerPath) -> None:
