@@ -15,7 +15,12 @@ Mapping (README, "The XenStore view"):
   checks that its directory still exists, since XS_WRITE would silently re-create
   it); ``rm`` and ``rmdir`` are XS_RM in a transaction that checks the node is a
   leaf or empty; ``mkdir`` is XS_MKDIR; renaming a file is one transaction
-  (read, write new, copy permissions, remove old), retried on EAGAIN.
+  (read, write new, copy permissions, remove old), retried on EAGAIN.  Renaming a
+  directory, or onto a name XenStore cannot hold, is EXDEV: ``mv`` then copies,
+  and reports the copy's own error;
+* on a guest connection an unreadable node is a directory of mode 0111: neither
+  its type nor its permissions can be read, and below it lie nodes the guest may
+  read (``/local`` and ``/local/domain`` are ``n0``).
 
 Cache.  One watch on ``/`` tells of every change (xenstored fires a watch for
 each written, created, removed or re-permissioned node, and for the root of a
@@ -35,6 +40,8 @@ node (checked against a log of recent event paths once the watch task has
 caught up), and no gap happened.  Otherwise the result is returned to the caller
 but not kept.  xenstored sends events in order with the replies on the one
 connection, so an event caused before the server answered is always counted.
+Answers about content and names from the cache first let the watch take in
+what the server already sent (:meth:`XenStoreBackend._ready`).
 
 On an unprivileged (guest) connection xenstored only sends events for nodes the
 guest may read, so the mount cannot learn of every change: nothing is cached
