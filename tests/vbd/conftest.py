@@ -95,7 +95,10 @@ def parse_ls(text: str) -> dict[str, tuple[str, str]]:
     for line in text.splitlines():
         path, _, rest = line.partition(" = ")
         value, _, perms = rest.rpartition(" (")
-        out[path] = (value.strip('"'), perms.rstrip(")"))
+        value = value.rstrip()  # xenstore-ls pads the value to a column
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        out[path] = (value, perms.rstrip(")"))
     return out
 
 
