@@ -391,3 +391,19 @@ async def test_drivers_pick_up_existing_devices(
     paths = device_paths(GUEST, 0, 51728)
     await wait_states(client, paths, b"4", b"4")
     await ts.detach(GUEST, 51728)
+
+
+async def test_simulated_host_creates_the_guest(
+    request: pytest.FixtureRequest, xs_embedded: ServerPath, nursery: trio.Nursery, image: Path
+) -> None:
+    """On an embedded xenstored that started empty (as cxenstored starts), the
+    simulated host lays out dom0 and guest 1 as domain creation does."""
+    factory = request.getfixturevalue("embedded_factory")
+    empty: ServerPath = factory(guests=(), initial="xenstored")
+    await start_host(nursery, empty, create_domains=[(GUEST, "guest1")])
+    assert await axs_ls(empty) == await axs_ls(xs_embedded)
+    async with XenStoreClient(empty) as client:
+        ts = Toolstack(client)
+        paths = await ts.attach(GUEST, f"{image},,xvdb")
+        await wait_states(client, paths, b"4", b"4")
+        await ts.detach(GUEST, paths.devid)
