@@ -44,7 +44,7 @@ from kvpfs.vbd.simulated import SimulatedHost, read_many
 from kvpfs.vbd.states import XenbusState, parse_state, state_name
 from kvpfs.vbd.toolstack import Toolstack, VbdError
 from kvpfs.vbd.vdev import decode
-from kvpfs.xenstore.client import WatchGap, XenStoreClient, XenStoreError
+from kvpfs.xenstore.client import WatchEvent, WatchGap, XenStoreClient, XenStoreError
 
 log = logging.getLogger(__name__)
 
@@ -210,28 +210,40 @@ class VbdBackend(Backend):
         async with trio.open_nursery() as nursery, client.watch(self.base) as watch:
             task_status.started()
             async for item in watch:
-                if isinstance(item, WatchGap) or item.path == self.base:
-                    keys = set(await self._scan())
-                    for key in keys | self._known:
-                        self._report(sink, key)
-                    self._known = keys | set(self._failed)
-                    for key in keys - frontends.keys():
-                        frontends[key] = await nursery.start(self._watch_frontend, key, sink)
-                    for key in frontends.keys() - keys:
-                        frontends.pop(key).cancel()
-                    continue
-                m = self._device_re.match(item.path)
-                if m is None:
-                    continue
-                key = (int(m.group(1)), int(m.group(2)))
-                self._report(sink, key)
-                if m.group(3) is None:
-                    present = await self._backend_exists(key)
-                    if not present and key in frontends:
-                        frontends.pop(key).cancel()
-                elif key not in frontends:
-                    frontends[key] = await nursery.start(self._watch_frontend, key, sink)
+                try:
+                    await self._follow(item, sink, nursery, frontends)
+                except XenStoreError as exc:
+                    # Only the kernel's caches suffer; the next event tries again.
+                    log.warning("vbd view: %s", exc)
             nursery.cancel_scope.cancel()
+
+    async def _follow(
+        self,
+        item: WatchEvent | WatchGap,
+        sink: ChangeSink,
+        nursery: trio.Nursery,
+        frontends: dict[tuple[int, int], trio.CancelScope],
+    ) -> None:
+        if isinstance(item, WatchGap) or item.path == self.base:
+            keys = set(await self._scan())
+            for key in keys | self._known:
+                self._report(sink, key)
+            self._known = keys | set(self._failed)
+            for key in keys - frontends.keys():
+                frontends[key] = await nursery.start(self._watch_frontend, key, sink)
+            for key in frontends.keys() - keys:
+                frontends.pop(key).cancel()
+            return
+        m = self._device_re.match(item.path)
+        if m is None:
+            return
+        key = (int(m.group(1)), int(m.group(2)))
+        self._report(sink, key)
+        if m.group(3) is None:
+            if not await self._backend_exists(key) and key in frontends:
+                frontends.pop(key).cancel()
+        elif key not in frontends:
+            frontends[key] = await nursery.start(self._watch_frontend, key, sink)
 
     async def _watch_frontend(
         self,
@@ -241,13 +253,13 @@ class VbdBackend(Backend):
         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         with trio.CancelScope() as scope:
+            task_status.started(scope)
             path = f"{device_paths(key[0], self.backend_domid, key[1]).frontend}/state"
             try:
                 async with self._xs().watch(path) as watch:
-                    task_status.started(scope)
                     async for _ in watch:
                         self._report(sink, key)
-            except XenStoreError as exc:
+            except (XenStoreError, FsError) as exc:
                 log.debug("frontend watch for %s ended: %s", xbdback_name(*key), exc)
 
     def _report(self, sink: ChangeSink, key: tuple[int, int]) -> None:

@@ -407,3 +407,16 @@ async def test_simulated_host_creates_the_guest(
         paths = await ts.attach(GUEST, f"{image},,xvdb")
         await wait_states(client, paths, b"4", b"4")
         await ts.detach(GUEST, paths.devid)
+
+
+async def test_cancelled_attach_leaves_nothing(
+    xs: ServerPath, client: XenStoreClient, image: Path
+) -> None:
+    """The caller gives up (a FUSE timeout, an unmount) while the toolstack waits
+    for the backend: the nodes it wrote are removed all the same."""
+    before = await axs_ls(xs)
+    ts = Toolstack(client, attach_timeout=30)
+    with trio.move_on_after(0.3) as scope:
+        await ts.attach(GUEST, f"{image},,xvdb")
+    assert scope.cancelled_caught
+    assert await axs_ls(xs) == before
