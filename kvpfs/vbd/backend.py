@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, ChangeSink, Node, NodeKind, Path
+from kvpfs.fs.backend import Backend, ChangeSink, Node, NodeKind, Path, Stream
 from kvpfs.vbd.hotplug import HotplugRunner
 from kvpfs.vbd.layout import DEFAULT_SCRIPT_DIR, device_paths, parse_xbdback_name, xbdback_name
 from kvpfs.vbd.simulated import SimulatedHost, read_many
@@ -354,7 +354,9 @@ class VbdBackend(Backend):
         if path == ():
             return Node(NodeKind.DIR, writable=True)
         if path == (ATTACH,):
-            return Node(NodeKind.FILE, 0, writable=True, readable=False)
+            # A STREAM node: the attach runs inside write(2), so its errno reaches
+            # every writer, bash's builtin echo included (it ignores close errors).
+            return Node(NodeKind.STREAM, 0, writable=True, readable=False)
         key = parse_xbdback_name(path[0])
         if key is None or len(path) > 2:
             raise FsError(errno.ENOENT)
@@ -394,10 +396,13 @@ class VbdBackend(Backend):
         return value
 
     async def write(self, path: Path, value: bytes) -> None:
+        await self.lookup(path)
+        raise FsError(errno.EACCES)
+
+    async def open_stream(self, path: Path, flags: int) -> Stream:
         if path != (ATTACH,):
-            await self.lookup(path)
-            raise FsError(errno.EACCES)
-        await self.attach(value)
+            raise FsError(errno.EPERM)
+        return _AttachStream(self)
 
     async def check_new_name(self, path: Path) -> None:
         raise FsError(errno.EPERM)
@@ -462,6 +467,22 @@ class VbdBackend(Backend):
             self._failed.pop(key, None)
         if self._sink is not None:
             self._report(self._sink, key)
+
+
+class _AttachStream(Stream):
+    """An open ``vbd/attach``: each write(2) is one request, "<domain> <disk spec>"
+    with or without its newline, and returns only when the attach is done."""
+
+    def __init__(self, backend: VbdBackend) -> None:
+        self._backend = backend
+
+    async def read(self, size: int) -> bytes:
+        return b""  # write-only (mode 0200); root may still open it, and sees nothing
+
+    async def write(self, data: bytes) -> int:
+        request = data[:-1] if data.endswith(b"\n") else data
+        await self._backend.attach(request)
+        return len(data)
 
 
 def _node(summary: _Summary, name: str) -> Node:
