@@ -14,8 +14,13 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvpfs import __version__
+
+if TYPE_CHECKING:
+    from kvpfs.fs.backend import Backend
+    from kvpfs.fs.operations import Operations
 
 log = logging.getLogger("kvpfs")
 
@@ -32,6 +37,7 @@ mount options (-o, comma-separated):
   uid=N,gid=N        owner shown for every file (default: the mounting user)
   attr_timeout=S     seconds the kernel may cache attributes (default 1)
   timeout=S          seconds before a store that does not answer gives EIO (default 30)
+  vbd_timeout=S      how long vbd attach/detach wait for the backend (default 10)
 """
 
 
@@ -59,6 +65,11 @@ class MountConfig:
     gid: int = field(default_factory=os.getgid)
     attr_timeout: float = 1.0
     timeout: float = 30.0
+    #: "auto" (the real xenstored if one answers, else an embedded one), "off", or a path.
+    xenstore: str = "auto"
+    vbd_timeout: float = 10.0
+    #: Lines the user should see once the mount is ready (the embedded socket).
+    announcements: list[str] = field(default_factory=list)
 
 
 def parse_mount_options(config: MountConfig, text: str) -> None:
@@ -85,6 +96,8 @@ def parse_mount_options(config: MountConfig, text: str) -> None:
                 config.attr_timeout = float(value)
             elif name == "timeout" and value:
                 config.timeout = float(value)
+            elif name == "vbd_timeout" and value:
+                config.vbd_timeout = float(value)
             else:
                 raise UsageError(f"unknown or malformed mount option '{item}'", 2)
         except ValueError:
@@ -106,6 +119,13 @@ def _mount_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-d", dest="debug", action="store_true", help="debug log; implies -f")
     p.add_argument("--kvp-dir", metavar="DIR", help="directory of the .kvp_pool_N files")
+    p.add_argument(
+        "--xenstore",
+        metavar="PATH|auto|off",
+        default="auto",
+        help="xenstored socket or xenbus device for xenstore/ and vbd/; 'auto' (default): "
+        "the one libxenstore would use, else an embedded xenstored; 'off': KVP only",
+    )
     p.add_argument("--log", dest="log_file", metavar="FILE", help="log here once in background")
     p.add_argument("--version", action="version", version=f"kvpfs {__version__}")
     return p
@@ -119,6 +139,7 @@ def parse_mount_args(argv: Sequence[str]) -> MountConfig:
         debug=args.debug,
         kvp_dir=args.kvp_dir,
         log_file=args.log_file,
+        xenstore=args.xenstore,
     )
     for text in args.options:
         parse_mount_options(config, text)
@@ -150,7 +171,7 @@ def preflight(config: MountConfig) -> None:
     os.close(fd)
 
 
-def build_operations(config: MountConfig) -> object:
+def build_operations(config: MountConfig) -> Operations:
     from kvpfs.fs.operations import FsOptions, Operations
     from kvpfs.kvp.backend import KvpBackend
     from kvpfs.kvp.location import PoolDirError, find_pool_dir
@@ -166,6 +187,9 @@ def build_operations(config: MountConfig) -> object:
         read_only=config.read_only,
         limits="format" if config.kvp_limits == "format" else "host",
     )
+    backends: list[Backend] = [kvp]
+    if config.xenstore != "off":
+        backends += _xen_backends(config)
     options = FsOptions(
         raw=config.raw,
         uid=config.uid,
@@ -173,7 +197,29 @@ def build_operations(config: MountConfig) -> object:
         attr_timeout=config.attr_timeout,
         backend_timeout=config.timeout,
     )
-    return Operations([kvp], options)
+    return Operations(backends, options)
+
+
+def _xen_backends(config: MountConfig) -> list[Backend]:
+    """``xenstore/`` and ``vbd/``: on the real xenstored if one answers, else on an
+    embedded one that the mount serves itself, with a simulated block backend."""
+    from kvpfs.vbd.backend import build_vbd_backend
+    from kvpfs.xenstore.fsbackend import XenStoreBackend
+
+    socket_path = None if config.xenstore == "auto" else config.xenstore
+    xenstore = XenStoreBackend.for_mount(socket_path, read_only=config.read_only)
+    log.info("XenStore: %s", xenstore.describe())
+    if xenstore.embedded:
+        config.announcements.append(f"embedded xenstored: XENSTORED_PATH={xenstore.socket_path}")
+    vbd = build_vbd_backend(
+        xenstore.socket_path,
+        embedded=xenstore.embedded,
+        attach_timeout=config.vbd_timeout,
+        detach_timeout=config.vbd_timeout,
+    )
+    # Order matters: the mount starts backends in turn, and vbd/ connects to the
+    # xenstored that xenstore/ may be serving itself.
+    return [xenstore, vbd]
 
 
 def _setup_logging(config: MountConfig) -> None:
@@ -198,6 +244,8 @@ def run_mount(config: MountConfig) -> int:
         os.close(read_fd)
         report = b"".join(chunks).decode(errors="replace")
         if report.startswith("ready"):
+            for line in report.splitlines()[1:]:
+                print(f"kvpfs: {line}", file=sys.stderr)
             # A normal interpreter exit would touch (and so copy) pages shared
             # with the child: ~60 ms for nothing.
             sys.stdout.flush()
@@ -233,10 +281,8 @@ def _serve(config: MountConfig, ready_fd: int | None) -> int:
     import trio
 
     from kvpfs.fs.mount import fuse_options, serve
-    from kvpfs.fs.operations import Operations
 
     ops = build_operations(config)
-    assert isinstance(ops, Operations)
     opts = fuse_options(allow_other=config.allow_other, read_only=config.read_only)
 
     async def main() -> None:
@@ -248,8 +294,11 @@ def _serve(config: MountConfig, ready_fd: int | None) -> int:
             except RuntimeError as exc:
                 raise UsageError(f"mounting on {config.mountpoint} failed: {exc}") from None
             log.info("mounted on %s", config.mountpoint)
-            if ready_fd is not None:
-                os.write(ready_fd, b"ready")
+            if ready_fd is None:
+                for line in config.announcements:
+                    print(f"kvpfs: {line}", file=sys.stderr, flush=True)
+            else:
+                os.write(ready_fd, "\n".join(["ready", *config.announcements]).encode())
                 os.close(ready_fd)
                 _detach_stdio(config.log_file)
 

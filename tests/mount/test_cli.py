@@ -64,17 +64,28 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
         assert not mounted_at(str(path))
 
 
-def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+def run(*args: str, timeout: float = 20, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*KVPFS, *args], capture_output=True, text=True, timeout=timeout, check=False
+        [*KVPFS, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
+
+
+@pytest.fixture(autouse=True)
+def private_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The embedded xenstored's socket goes to $XDG_RUNTIME_DIR/kvpfs: one per test.
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("XENSTORED_PATH", raising=False)
+    monkeypatch.delenv("XENSTORED_RUNDIR", raising=False)
 
 
 def test_returns_when_ready_and_serves_in_background(mnt: Path, pools: Pools) -> None:  # noqa: F811
     pools.set_bytes("guest", rec(b"K", b"v"))
-    result = run(str(mnt), "--kvp-dir", str(pools.directory))
+    result = run(str(mnt), "--kvp-dir", str(pools.directory), "--xenstore", "off")
     assert result.returncode == 0, result.stderr
     assert result.stdout == result.stderr == ""
+    assert os.listdir(mnt) == ["kvp"]
     # `kvpfs MNT && ls MNT` must work: the mount is ready when the command returns.
     assert sorted(os.listdir(mnt / "kvp")) == [
         "auto", "auto_external", "auto_internal", "external", "guest",
@@ -195,3 +206,34 @@ def test_embedded_default_creates_pools(mnt: Path, tmp_path: Path) -> None:
     (mnt / "kvp/guest/Hello").write_bytes(b"world\n")
     assert (state / ".kvp_pool_1").read_bytes() == rec(b"Hello", b"world")
     subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+
+
+def test_embedded_xen_beside_kvp(mnt: Path, pools: Pools, tmp_path: Path) -> None:  # noqa: F811
+    """No xenstored here: the mount serves its own, announces it, and vbd/ attaches."""
+    result = run(str(mnt), "--kvp-dir", str(pools.directory))
+    assert result.returncode == 0, result.stderr
+    socket_path = tmp_path / "runtime/kvpfs/xenstored.sock"
+    assert result.stderr == f"kvpfs: embedded xenstored: XENSTORED_PATH={socket_path}\n"
+    assert sorted(os.listdir(mnt)) == ["kvp", "vbd", "xenstore"]
+    env = {**os.environ, "XENSTORED_PATH": str(socket_path)}
+    # The xenstore-* tools work beside the mount, on the same store.
+    subprocess.run(["xenstore-write", "/tool/kvpfs-test", "from-the-tool"], env=env, check=True)
+    assert (mnt / "xenstore/tool/kvpfs-test").read_bytes() == b"from-the-tool\n"
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    (mnt / "vbd/attach").write_bytes(f"1 format=raw, vdev=xvdb, access=rw, target={image}\n".encode())
+    device = mnt / "vbd/xbdback1i51728"
+    assert (device / "size").read_bytes() == b"1048576\n"
+    assert (device / "vdev").read_bytes() == b"xvdb\n"
+    listing = subprocess.run(
+        ["xenstore-read", "/local/domain/0/backend/vbd/1/51728/params"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert listing.stdout == f"{image}\n"
+    os.rmdir(device)
+    assert os.listdir(mnt / "vbd") == ["attach"]
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+    pid_gone_deadline = time.monotonic() + 10
+    while socket_path.exists() and time.monotonic() < pid_gone_deadline:
+        time.sleep(0.05)
+    assert not socket_path.exists()
