@@ -627,12 +627,13 @@ class XenStoreBackend(Backend):
 
         A change someone just made (``xenstore-write K V && cat K``) was announced
         to us before the writer got its reply, but the event may still sit unread
-        in the socket buffer when the reader's request arrives.  Two scheduler
-        passes let the client's reader take it in, then the watch task applies it.
+        in the socket buffer when the reader's request arrives.  The poll that woke
+        the FUSE worker for this request also found the socket readable and
+        scheduled the client's reader beside it: one scheduler pass lets the reader
+        take the event in, then the watch task applies what it queued.
         """
         self._live()
         if self._caching:
-            await trio.lowlevel.checkpoint()
             await trio.lowlevel.checkpoint()
             for _ in range(CATCH_UP_PASSES):
                 if not self._pending():
