@@ -277,12 +277,16 @@ class XenStoreBackend(Backend):
     factory (tests count requests with it).  ``domid`` says which guest an
     unprivileged connection speaks for (read from the relative node ``domid``
     when not given); it only matters for the mode bits.  ``timeout`` bounds every
-    request (EIO after it).
+    request (EIO after it; pass the mount's ``timeout=S``).
     """
 
     name = "xenstore"
     has_xattrs = True
     unwritable_errno = errno.EACCES
+    # Each request gives up after ``timeout`` and an operation makes at most a few
+    # in a row (a listing stops at its first failure), so the FUSE layer need not
+    # wrap every call in a deadline of its own.
+    bounds_own_calls = True
 
     def __init__(
         self,
@@ -840,17 +844,20 @@ class XenStoreBackend(Backend):
         errors: list[FsError] = []
         pending = iter(names)
 
-        async def worker() -> None:
+        async def worker(scope: trio.CancelScope) -> None:
             for name in pending:
                 try:
                     nodes[name] = await self._node((*path, name), None)
                 except FsError as exc:
+                    # One failure fails the listing: the others need not wait
+                    # for their own timeouts on a server that stopped answering.
                     errors.append(exc)
+                    scope.cancel()
                     return
 
         async with trio.open_nursery() as nursery:
             for _ in range(min(len(names), FETCH_CONCURRENCY)):
-                nursery.start_soon(worker)
+                nursery.start_soon(worker, nursery.cancel_scope)
         if errors:
             raise errors[0]
 
