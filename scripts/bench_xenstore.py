@@ -9,6 +9,13 @@ compiled into a temporary directory).  One plain blocking client (raw sockets pl
 kvpfs.xenstore.protocol framing) drives both, so the client cost is identical.
 Prints operations per second for each workload and the ratio embedded/cxenstored,
 then the resident memory of the embedded server holding N nodes.
+
+The machine may be shared: the two servers run side by side and the workload
+alternates between them for ``--rounds`` short rounds, so that load from elsewhere
+hits both alike.  The rate shown is the median of the rounds, with the spread
+(lowest-highest) beside it; the ratio is that of the medians.  The server's CPU
+time per operation (user + system, from /proc) is shown too: it varies much less
+with outside load than the rate does.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,7 +153,13 @@ def build_shim() -> str | None:
 # --------------------------------------------------------------------------- workloads
 
 
-def timed(seconds: float, batch: Callable[[], int]) -> float:
+class Rate(float):
+    """Operations per second; ``ops`` is how many were timed."""
+
+    ops: int
+
+
+def timed(seconds: float, batch: Callable[[], int]) -> Rate:
     """Operations per second of ``batch`` (which returns its operation count)."""
     batch()  # warm-up
     done = 0
@@ -154,10 +168,12 @@ def timed(seconds: float, batch: Callable[[], int]) -> float:
         done += batch()
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return done / elapsed
+            rate = Rate(done / elapsed)
+            rate.ops = done
+            return rate
 
 
-def sequential_reads(path: str, seconds: float) -> float:
+def sequential_reads(path: str, seconds: float) -> Rate:
     c = Client(path)
     c.rq(Op.WRITE, b"/bench/r\0value")
     req = b"/bench/r\0"
@@ -173,7 +189,7 @@ def sequential_reads(path: str, seconds: float) -> float:
         c.close()
 
 
-def pipelined_reads(path: str, seconds: float, depth: int = 64) -> float:
+def pipelined_reads(path: str, seconds: float, depth: int = 64) -> Rate:
     c = Client(path)
     c.rq(Op.WRITE, b"/bench/r\0value")
     frame = _pack(Op.READ, 0, 0, 9) + b"/bench/r\0"
@@ -198,7 +214,7 @@ def pipelined_reads(path: str, seconds: float, depth: int = 64) -> float:
         c.close()
 
 
-def sequential_writes(path: str, seconds: float) -> float:
+def sequential_writes(path: str, seconds: float) -> Rate:
     c = Client(path)
     counter = [0]
 
@@ -214,7 +230,7 @@ def sequential_writes(path: str, seconds: float) -> float:
         c.close()
 
 
-def transaction_commits(path: str, seconds: float) -> float:
+def transaction_commits(path: str, seconds: float) -> Rate:
     """START, READ, WRITE, END T: one committed transaction per operation."""
     c = Client(path)
     c.rq(Op.WRITE, b"/bench/tx\0" + b"0")
@@ -233,7 +249,7 @@ def transaction_commits(path: str, seconds: float) -> float:
         c.close()
 
 
-def fan_out(path: str, seconds: float, watchers: int = 100) -> float:
+def fan_out(path: str, seconds: float, watchers: int = 100) -> Rate:
     """One write, its reply and the event at each of ``watchers`` connections."""
     conns = [Client(path) for _ in range(watchers)]
     for i, w in enumerate(conns):
@@ -282,6 +298,13 @@ def rss_with_nodes(nodes: int) -> tuple[float, float]:
         server.stop()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -290,7 +313,7 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
-WORKLOADS: list[tuple[str, Callable[[str, float], float]]] = [
+WORKLOADS: list[tuple[str, Callable[[str, float], Rate]]] = [
     ("sequential reads", sequential_reads),
     ("pipelined reads (64 in flight)", pipelined_reads),
     ("sequential writes", sequential_writes),
@@ -302,7 +325,9 @@ WORKLOADS: list[tuple[str, Callable[[str, float], float]]] = [
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per workload and server")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per workload")
     parser.add_argument("--nodes", type=int, default=100_000)
+    parser.add_argument("--only", help="run only workloads whose name contains this")
     args = parser.parse_args()
 
     shim = build_shim()
@@ -310,29 +335,52 @@ def main() -> int:
         print("cxenstored 4.17 or gcc missing: only the embedded server is measured")
     rows = []
     for name, fn in WORKLOADS:
-        # Both servers run side by side; runs alternate and the best of three counts,
-        # so that load from elsewhere on the machine hits both alike.
+        if args.only and args.only not in name:
+            continue
         servers = [start_embedded(), *([start_real(shim)] if shim else [])]
-        results: dict[str, float] = {}
+        rates: dict[str, list[float]] = {s.name: [] for s in servers}
+        cpu: dict[str, list[float]] = {s.name: [] for s in servers}
         try:
-            for _ in range(3):
-                for server in servers:
-                    rate = fn(server.path, args.seconds / 3)
-                    results[server.name] = max(results.get(server.name, 0.0), rate)
+            for i in range(args.rounds):
+                # Alternate which server goes first, so neither always follows the
+                # other's after-effects (page cache, scheduler state).
+                for server in servers if i % 2 == 0 else servers[::-1]:
+                    before = _cpu_seconds(server.proc.pid)
+                    rate = fn(server.path, args.seconds / args.rounds)
+                    used = _cpu_seconds(server.proc.pid) - before
+                    rates[server.name].append(rate)
+                    # The warm-up batch is not in rate.ops: a slight overestimate.
+                    cpu[server.name].append(used / rate.ops * 1e6)
         finally:
             for server in servers:
                 server.stop()
-        rows.append((name, results))
+        rows.append((name, rates, cpu))
 
-    print(f"{'workload':34} {'embedded/s':>12} {'cxenstored/s':>13} {'ratio':>7}")
-    for name, results in rows:
-        emb = results["embedded"]
-        real = results.get("cxenstored")
-        ratio = f"{emb / real:6.2f}x" if real else "   n/a"
-        real_s = f"{real:13.0f}" if real else f"{'n/a':>13}"
-        print(f"{name:34} {emb:12.0f} {real_s} {ratio:>7}")
-    base, full = rss_with_nodes(args.nodes)
-    print(f"embedded RSS: {base:.1f} MiB at start, {full:.1f} MiB holding {args.nodes} more nodes")
+    print(
+        f"{'workload':33} {'embedded/s':>10} {'(spread)':>15} {'cxenstored/s':>12} "
+        f"{'(spread)':>15} {'ratio':>6} {'CPU us/op emb':>13} {'cx':>5}"
+    )
+    for name, rates, cpu in rows:
+        emb = statistics.median(rates["embedded"])
+        emb_cpu = statistics.median(cpu["embedded"])
+        spread = f"({min(rates['embedded']):.0f}-{max(rates['embedded']):.0f})"
+        if "cxenstored" in rates:
+            real = statistics.median(rates["cxenstored"])
+            real_cpu = f"{statistics.median(cpu['cxenstored']):5.1f}"
+            real_s = f"{real:12.0f}"
+            real_spread = f"({min(rates['cxenstored']):.0f}-{max(rates['cxenstored']):.0f})"
+            ratio = f"{emb / real:5.2f}x"
+        else:
+            real_s, real_spread, ratio, real_cpu = f"{'n/a':>12}", "", "  n/a", "  n/a"
+        print(
+            f"{name:33} {emb:10.0f} {spread:>15} {real_s} {real_spread:>15} {ratio:>6} "
+            f"{emb_cpu:13.1f} {real_cpu}"
+        )
+    if not args.only:
+        base, full = rss_with_nodes(args.nodes)
+        print(
+            f"embedded RSS: {base:.1f} MiB at start, {full:.1f} MiB holding {args.nodes} more nodes"
+        )
     if shim:
         shutil.rmtree(os.path.dirname(shim), ignore_errors=True)
     return 0
