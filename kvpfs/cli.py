@@ -207,7 +207,9 @@ def _xen_backends(config: MountConfig) -> list[Backend]:
     from kvpfs.xenstore.fsbackend import XenStoreBackend
 
     socket_path = None if config.xenstore == "auto" else config.xenstore
-    xenstore = XenStoreBackend.for_mount(socket_path, read_only=config.read_only)
+    xenstore = XenStoreBackend.for_mount(
+        socket_path, read_only=config.read_only, timeout=config.timeout
+    )
     log.info("XenStore: %s", xenstore.describe())
     if xenstore.embedded:
         config.announcements.append(f"embedded xenstored: XENSTORED_PATH={xenstore.socket_path}")

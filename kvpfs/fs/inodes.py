@@ -7,7 +7,7 @@ lookup of it.  Inode numbers are never reused within a mount.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 
@@ -31,7 +31,8 @@ class Inode:
     mtime_ns: int | None = None
     #: Open handles keep an inode alive even after the kernel forgot it.
     open_count: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
+    #: The open handle of a file created here and not yet stored (an OpenFile).
+    pending: object = None
 
     @property
     def key(self) -> tuple[int, Path]:

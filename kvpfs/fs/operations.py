@@ -154,7 +154,7 @@ class Operations(pyfuse3.Operations):
             return await coro
 
     def _pending_handle(self, inode: Inode) -> OpenFile | None:
-        pending = inode.extra.get("pending")
+        pending = inode.pending
         return pending if isinstance(pending, OpenFile) else None
 
     async def _node(self, inode: Inode) -> Node:
@@ -536,7 +536,7 @@ class Operations(pyfuse3.Operations):
         if pending is not None and writable:
             # A second writer of a not yet committed new file shares its fate.
             handle.created = True
-            ino.extra["pending"] = handle
+            ino.pending = handle
         direct = node.volatile and scratch is None
         return pyfuse3.FileInfo(fh=handle.fh, direct_io=direct, keep_cache=False)
 
@@ -559,7 +559,7 @@ class Operations(pyfuse3.Operations):
         handle = self._open_handle(inode, flags, b"", scratch)
         if scratch is None:
             handle.pending = handle.created = True
-            inode.extra["pending"] = handle
+            inode.pending = handle
         node = await self._node(inode)
         inode.lookups += 1
         info = pyfuse3.FileInfo(fh=handle.fh, direct_io=scratch is None, keep_cache=False)
@@ -611,8 +611,8 @@ class Operations(pyfuse3.Operations):
             handle.written = handle.pending = False
         if handle.created:
             handle.created = False
-            if ino.extra.get("pending") is handle:
-                del ino.extra["pending"]
+            if ino.pending is handle:
+                ino.pending = None
             for other in self._files.values():
                 if other.inode is ino:
                     other.created = False
@@ -654,11 +654,11 @@ class Operations(pyfuse3.Operations):
             log.error("could not store %s: %s", "/".join(ino.path), exc)
             raise
         finally:
-            if ino.extra.get("pending") is handle:
+            if ino.pending is handle:
                 # A new file whose value was refused never existed in the store; the
                 # kernel still holds a positive entry from create() that would make
                 # the next open of the name fail with ENOENT.
-                del ino.extra["pending"]
+                ino.pending = None
                 self._forget_name(ino)
             ino.open_count -= 1
             self.inodes.drop_if_unused(ino)
@@ -714,7 +714,7 @@ class Operations(pyfuse3.Operations):
                 if handle.inode is inode:
                     handle.unlinked = True
             assert inode is not None
-            del inode.extra["pending"]
+            inode.pending = None
             return
         if self.overlay.is_hidden(backend, path):
             raise FsError(errno.ENOENT)
