@@ -39,7 +39,7 @@ from typing import Any
 
 import trio
 
-from .protocol import HEADER, XENSTORE_PAYLOAD_MAX, Message
+from .protocol import HEADER, XENSTORE_PAYLOAD_MAX
 from .store import Quotas, Store
 
 __all__ = [
@@ -57,7 +57,6 @@ _IDLE_POLL_MS = 5
 _POLLIN = select.POLLIN
 _HEADER_SIZE = HEADER.size
 _unpack_header = HEADER.unpack_from
-_pack_header = HEADER.pack
 
 
 @dataclass
@@ -282,7 +281,7 @@ class XenstoredServer:
         sock = client.sock
         fd = sock.fileno()
         buf = b""
-        store_handle = self.store.handle
+        store_handle = self.store.handle_frame
         clients = self._clients
         dirty = self._dirty
         conn_id = client.conn_id
@@ -317,31 +316,37 @@ class XenstoredServer:
             buf = buf + data if buf else data
             pos = 0
             end = len(buf)
+            own: list[bytes] = []
             while end - pos >= _HEADER_SIZE:
                 mtype, req_id, tx_id, length = _unpack_header(buf, pos)
                 if length > XENSTORE_PAYLOAD_MAX:
                     # cxenstored drops a connection announcing an oversized payload.
                     self.stats.dropped_oversized += 1
+                    self._send_own(client, own)
                     self._flush_dirty()
                     return
                 stop = pos + _HEADER_SIZE + length
                 if stop > end:
                     break
-                msg = Message(mtype, req_id, tx_id, buf[pos + _HEADER_SIZE : stop])
+                payload = buf[pos + _HEADER_SIZE : stop]
                 pos = stop
-                for target, out in store_handle(conn_id, msg):
+                for target, frame in store_handle(conn_id, mtype, req_id, tx_id, payload):
+                    if target == conn_id:
+                        own.append(frame)
+                        continue
                     other = clients.get(target)
                     if other is None:
                         continue
-                    payload = out.payload
-                    other.out += _pack_header(out.type, out.req_id, out.tx_id, len(payload))
-                    other.out += payload
-                    if len(other.out) > max_pending and other is not client:
+                    other.out += frame
+                    if len(other.out) > max_pending:
                         self._drop_backlogged(other)
                     else:
                         dirty[target] = other
             buf = buf[pos:] if pos < end else b""
-            self._flush_dirty()
+            if own:
+                self._send_own(client, own)
+            if dirty:
+                self._flush_dirty()
             if client.blocked:
                 # Our own replies are not being read: stop reading requests until
                 # they drain (the client stalls only itself).
@@ -350,6 +355,29 @@ class XenstoredServer:
             if batches & 15 == 0 or client.closing:
                 # A client that always has input never waits: let others run.
                 await trio.lowlevel.checkpoint()
+
+    def _send_own(self, client: _Client, frames: list[bytes]) -> None:
+        """Send a batch's replies (and events for the requester) with one send."""
+        if not frames:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if client.out or client.blocked:
+            # Behind bytes already queued: keep the order, the writer sends them.
+            client.out += data
+            self._dirty[client.conn_id] = client
+            return
+        try:
+            sent = client.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            client.close()
+            return
+        if sent < len(data):
+            client.out += memoryview(data)[sent:]
+            client.blocked = True
+            client.drained = trio.Event()
+            client.wake.set()
 
     def _drop_backlogged(self, client: _Client) -> None:
         self.stats.dropped_backlog += 1

@@ -4,8 +4,10 @@
 table and the quotas.  :meth:`Store.handle` takes one request from one connection and
 returns every message it causes: the reply to the requester and the watch events for
 any connection (the requester included), each as ``(conn_id, Message)`` in the order
-cxenstored writes them.  No sockets, no clock, no randomness: the trio server
-(:mod:`kvpfs.xenstore.server`) only moves bytes.
+cxenstored writes them.  :meth:`Store.handle_frame` is the same for a server: header
+fields and payload in, encoded frames out, with no message objects in between.  No
+sockets, no clock, no randomness: the trio server (:mod:`kvpfs.xenstore.server`)
+only moves bytes.
 
 Observable details follow the real cxenstored 4.17 (checked against it by the
 conformance suite), not just the protocol description:
@@ -29,13 +31,16 @@ from __future__ import annotations
 import errno as E
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from .protocol import (
+    HEADER,
     INTRODUCE_DOMAIN,
     OK,
     RELEASE_DOMAIN,
     XENSTORE_PAYLOAD_MAX,
     XENSTORE_REL_PATH_MAX,
+    XSD_ERRORS,
     Access,
     Message,
     Op,
@@ -44,7 +49,6 @@ from .protocol import (
     c_atoi,
     c_strtol,
     domain_path,
-    name_for_errno,
     parse_perm,
 )
 
@@ -56,10 +60,39 @@ __all__ = [
     "StoreError",
 ]
 
+# Plain ints: comparing and hashing IntEnum members costs an attribute lookup
+# through the enum class on every request.
+_WATCH = int(Op.WATCH)
+_UNWATCH = int(Op.UNWATCH)
 _WATCH_EVENT = int(Op.WATCH_EVENT)
 _ERROR = int(Op.ERROR)
+_PRIVILEGED_OPS = frozenset(
+    int(op)
+    for op in (
+        Op.CONTROL,
+        Op.INTRODUCE,
+        Op.RELEASE,
+        Op.IS_DOMAIN_INTRODUCED,
+        Op.RESUME,
+        Op.SET_TARGET,
+    )
+)
 _OK = OK
 _FULL = Access.BOTH | Access.OWNER
+_READ = Access.READ
+_WRITE = Access.WRITE
+
+_pack_header = HEADER.pack
+_unpack_header = HEADER.unpack_from
+_HEADER_SIZE = HEADER.size
+
+#: XS_ERROR payload per errno; an errno outside the table is sent as EINVAL, as
+#: cxenstored's ``send_error`` does.
+_ERROR_PAYLOADS = {num: name.encode() + b"\0" for name, num in XSD_ERRORS}
+_EINVAL_PAYLOAD = _ERROR_PAYLOADS[E.EINVAL]
+
+#: Bound of the cache of validated paths (:meth:`Store._path`).
+_PATH_CACHE_MAX = 4096
 
 #: Size of cxenstored's on-disk node header (generation u64, three u32, padded to 8):
 #: the node-size quota counts it.
@@ -197,7 +230,7 @@ class _Tx:
 
 
 class _Watch:
-    __slots__ = ("conn", "path", "relative", "seq", "token")
+    __slots__ = ("conn", "order", "path", "relative", "seq", "suffix", "token")
 
     def __init__(self, conn: _Conn, path: bytes, token: bytes, relative: bool, seq: int) -> None:
         self.conn = conn
@@ -205,6 +238,10 @@ class _Watch:
         self.token = token
         self.relative = relative
         self.seq = seq
+        #: Where cxenstored's watch list puts it: by connection, then age.
+        self.order = (conn.id, seq)
+        #: What follows the path in its events.
+        self.suffix = b"\0" + token + b"\0"
 
 
 class _Conn:
@@ -282,7 +319,19 @@ INITIAL_TREES = ("xenstored", "domains")
 
 
 Output = list[tuple[int, Message]]
-_Handler = Callable[[_Conn, "_Tx | None", Message, Output], bytes]
+#: ``(conn_id, frame)``: an encoded message (header and payload) for a connection.
+Frames = list[tuple[int, bytes]]
+_Handler = Callable[[_Conn, "_Tx | None", bytes, Frames], bytes]
+_watch_order = attrgetter("order")
+
+
+def _decode_frame(frame: bytes) -> Message:
+    mtype, req_id, tx_id, _ = _unpack_header(frame)
+    return Message(mtype, req_id, tx_id, frame[_HEADER_SIZE:])
+
+
+def _event_frame(payload: bytes) -> bytes:
+    return _pack_header(_WATCH_EVENT, 0, 0, len(payload)) + payload
 
 
 class Store:
@@ -319,6 +368,9 @@ class Store:
             RELEASE_DOMAIN: _N0,
         }
         self._logfile_set = False
+        #: raw path (or one-argument payload) → canonical path, for paths already
+        #: validated; bounded, and re-checked against ``path_max`` (see _path).
+        self._canonical: dict[bytes, bytes] = {}
         self._handlers: dict[int, _Handler] = {
             Op.CONTROL: self._do_control,
             Op.DIRECTORY: self._do_directory,
@@ -341,16 +393,6 @@ class Store:
             Op.RESET_WATCHES: self._do_reset_watches,
             Op.DIRECTORY_PART: self._do_directory_part,
         }
-        self._privileged_ops = frozenset(
-            {
-                Op.CONTROL,
-                Op.INTRODUCE,
-                Op.RELEASE,
-                Op.IS_DOMAIN_INTRODUCED,
-                Op.RESUME,
-                Op.SET_TARGET,
-            }
-        )
         self._setup_structure()
         if initial == "domains":
             self._build_domains(guest_domid, guest_name)
@@ -429,37 +471,42 @@ class Store:
 
     def handle(self, conn_id: int, msg: Message) -> Output:
         """Process one request; returns replies and watch events in send order."""
+        return [
+            (target, _decode_frame(frame))
+            for target, frame in self.handle_frame(
+                conn_id, msg.type, msg.req_id, msg.tx_id, msg.payload
+            )
+        ]
+
+    def handle_frame(
+        self, conn_id: int, mtype: int, req_id: int, tx_id: int, payload: bytes
+    ) -> Frames:
+        """:meth:`handle` from the request's header fields and payload, each message
+        caused returned encoded, as ``(conn_id, frame)`` in send order."""
         conn = self._conns[conn_id]
-        out: Output = []
-        mtype = msg.type
-        tx: _Tx | None = None
+        out: Frames = []
         try:
             handler = self._handlers.get(mtype)
             if handler is None:
                 raise StoreError(E.ENOSYS)
-            if msg.tx_id and mtype != Op.WATCH and mtype != Op.UNWATCH:
-                tx = conn.transactions.get(msg.tx_id)
+            tx: _Tx | None = None
+            if tx_id and mtype != _WATCH and mtype != _UNWATCH:
+                tx = conn.transactions.get(tx_id)
                 if tx is None:
                     raise StoreError(E.ENOENT)
-            if not conn.privileged and mtype in self._privileged_ops:
+            if not conn.privileged and mtype in _PRIVILEGED_OPS:
                 raise StoreError(E.EACCES)
-            payload = handler(conn, tx, msg, out)
-        except StoreError as exc:
-            out.append((conn_id, self._error(msg, exc.errno)))
+            reply = handler(conn, tx, payload, out)
+        except (StoreError, ProtocolError) as exc:
+            err = _ERROR_PAYLOADS.get(exc.errno, _EINVAL_PAYLOAD)
+            out.append((conn_id, _pack_header(_ERROR, req_id, tx_id, len(err)) + err))
             return out
-        except ProtocolError as exc:
-            out.append((conn_id, self._error(msg, exc.errno)))
-            return out
-        out.append((conn_id, Message(mtype, msg.req_id, msg.tx_id, payload)))
-        if mtype == Op.WATCH:
+        out.append((conn_id, _pack_header(mtype, req_id, tx_id, len(reply)) + reply))
+        if mtype == _WATCH:
             # The initial event follows the WATCH reply.
-            path, token = payload_watch_initial(msg.payload)
-            out.append((conn_id, Message(_WATCH_EVENT, 0, 0, path + b"\0" + token + b"\0")))
+            path, token = payload_watch_initial(payload)
+            out.append((conn_id, _event_frame(path + b"\0" + token + b"\0")))
         return out
-
-    @staticmethod
-    def _error(msg: Message, err: int) -> Message:
-        return Message(_ERROR, msg.req_id, msg.tx_id, name_for_errno(err).encode() + b"\0")
 
     # ------------------------------------------------------------------ arguments
 
@@ -552,7 +599,7 @@ class Store:
         tx: _Tx | None,
         path: bytes,
         perms: tuple[Perm, ...],
-        out: Output,
+        out: Frames,
         exact: bool = False,
     ) -> None:
         if tx is not None:
@@ -565,7 +612,7 @@ class Store:
             return
         self._fire_now(path, perms, exact, out)
 
-    def _fire_now(self, path: bytes, perms: tuple[Perm, ...], exact: bool, out: Output) -> None:
+    def _fire_now(self, path: bytes, perms: tuple[Perm, ...], exact: bool, out: Frames) -> None:
         index = self._watch_index
         if not index:
             return
@@ -582,9 +629,9 @@ class Store:
         if len(matched) == 1:
             w = matched[0]
             conn = w.conn
-            if conn.privileged or self._access(conn, perms) & Access.READ:
+            if conn.privileged or self._access(conn, perms) & _READ:
                 epath = path[conn.home_len :] if w.relative else path
-                out.append((conn.id, Message(_WATCH_EVENT, 0, 0, epath + b"\0" + w.token + b"\0")))
+                out.append((conn.id, _event_frame(epath + w.suffix)))
             return
         matched.sort(key=_watch_order)
         # One firing sends a connection each distinct event once, even when several
@@ -592,17 +639,16 @@ class Store:
         sent: set[tuple[int, bytes]] = set()
         for w in matched:
             conn = w.conn
-            if not conn.privileged and not (self._access(conn, perms) & Access.READ):
+            if not conn.privileged and not (self._access(conn, perms) & _READ):
                 continue
-            epath = path[conn.home_len :] if w.relative else path
-            payload = epath + b"\0" + w.token + b"\0"
+            payload = (path[conn.home_len :] if w.relative else path) + w.suffix
             key = (conn.id, payload)
             if key in sent:
                 continue
             sent.add(key)
-            out.append((conn.id, Message(_WATCH_EVENT, 0, 0, payload)))
+            out.append((conn.id, _event_frame(payload)))
 
-    def _fire_special(self, name: bytes, out: Output) -> None:
+    def _fire_special(self, name: bytes, out: Frames) -> None:
         watches = self._watch_index.get(name)
         if not watches:
             return
@@ -610,12 +656,12 @@ class Store:
         sent: set[tuple[int, bytes]] = set()
         for w in sorted(watches, key=_watch_order):
             conn = w.conn
-            if not conn.privileged and not (self._access(conn, perms) & Access.READ):
+            if not conn.privileged and not (self._access(conn, perms) & _READ):
                 continue
             if (conn.id, w.token) in sent:
                 continue
             sent.add((conn.id, w.token))
-            out.append((conn.id, Message(_WATCH_EVENT, 0, 0, name + b"\0" + w.token + b"\0")))
+            out.append((conn.id, _event_frame(name + w.suffix)))
 
     # ------------------------------------------------------------------ permissions
 
@@ -668,18 +714,17 @@ class Store:
 
     # ------------------------------------------------------------------ read ops
 
-    def _do_read(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        return self._existing(conn, tx, self._onearg(msg.payload), Access.READ)[1].value
+    def _do_read(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        return self._existing(conn, tx, self._onearg(payload), Access.READ)[1].value
 
-    def _do_directory(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        node = self._existing(conn, tx, self._onearg(msg.payload), Access.READ)[1]
+    def _do_directory(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        node = self._existing(conn, tx, self._onearg(payload), Access.READ)[1]
         data = b"".join([c + b"\0" for c in node.children])
         if len(data) > XENSTORE_PAYLOAD_MAX:
             raise StoreError(E.E2BIG)
         return data
 
-    def _do_directory_part(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        payload = msg.payload
+    def _do_directory_part(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
         if payload.count(b"\0") != 2:
             raise StoreError(E.EINVAL)
         raw, off_raw, _ = payload.split(b"\0")
@@ -699,13 +744,13 @@ class Store:
             return gen + b"\0"
         return gen + data[offset:cut]
 
-    def _do_get_perms(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        node = self._existing(conn, tx, self._onearg(msg.payload), Access.READ)[1]
+    def _do_get_perms(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        node = self._existing(conn, tx, self._onearg(payload), Access.READ)[1]
         return b"".join([p.encode() + b"\0" for p in node.perms])
 
     # ------------------------------------------------------------------ write ops
 
-    def _create(self, conn: _Conn, tx: _Tx | None, path: bytes, value: bytes, out: Output) -> Node:
+    def _create(self, conn: _Conn, tx: _Tx | None, path: bytes, value: bytes, out: Frames) -> Node:
         """Create ``path`` and any missing parents (deepest first, as cxenstored
         writes them), then add it to the first existing ancestor's child list."""
         missing = [path]
@@ -750,8 +795,7 @@ class Store:
             tx.owner_delta[owner] = tx.owner_delta.get(owner, 0) + len(missing)
         return created
 
-    def _do_write(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        payload = msg.payload
+    def _do_write(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
         nul = payload.find(b"\0")
         if nul < 0:
             raise StoreError(E.EINVAL)
@@ -773,8 +817,8 @@ class Store:
         self._fire(tx, path, node.perms, out)
         return _OK
 
-    def _do_mkdir(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        path = self._path(conn, self._onearg(msg.payload))
+    def _do_mkdir(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        path = self._path(conn, self._onearg(payload))
         node = self._get(tx, path)
         if node is not None:
             self._check(conn, tx, path, node, Access.WRITE)
@@ -783,8 +827,8 @@ class Store:
         self._fire(tx, path, created.perms, out)
         return _OK
 
-    def _do_rm(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        path = self._path(conn, self._onearg(msg.payload))
+    def _do_rm(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        path = self._path(conn, self._onearg(payload))
         node = self._get(tx, path)
         if node is None:
             err = self._missing(conn, tx, path)
@@ -798,7 +842,7 @@ class Store:
         return _OK
 
     def _remove_subtree(
-        self, conn: _Conn, tx: _Tx | None, path: bytes, node: Node, out: Output
+        self, conn: _Conn, tx: _Tx | None, path: bytes, node: Node, out: Frames
     ) -> None:
         parent_path = _parent(path)
         parent = self._get(tx, parent_path)
@@ -837,8 +881,7 @@ class Store:
         parent.children.remove(name)
         self._store(tx, parent_path, parent)
 
-    def _do_set_perms(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        payload = msg.payload
+    def _do_set_perms(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
         num = payload.count(b"\0") - 1
         if num < 1:
             raise StoreError(E.EINVAL)
@@ -879,8 +922,8 @@ class Store:
 
     # ------------------------------------------------------------------ watches
 
-    def _do_watch(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        strings = msg.payload.split(b"\0")
+    def _do_watch(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        strings = payload.split(b"\0")
         if len(strings) != 3:
             raise StoreError(E.EINVAL)
         raw, token, _ = strings
@@ -903,8 +946,8 @@ class Store:
             return raw, False
         return self._path(conn, raw), raw[:1] != b"/"
 
-    def _do_unwatch(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        strings = msg.payload.split(b"\0")
+    def _do_unwatch(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        strings = payload.split(b"\0")
         if len(strings) != 3:
             raise StoreError(E.EINVAL)
         raw, token, _ = strings
@@ -928,7 +971,7 @@ class Store:
             self._unindex(w)
         conn.watches.clear()
 
-    def _do_reset_watches(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
+    def _do_reset_watches(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
         self._drop_watches(conn)
         conn.transactions.clear()
         return _OK
@@ -936,7 +979,7 @@ class Store:
     # ------------------------------------------------------------------ transactions
 
     def _do_transaction_start(
-        self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output
+        self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames
     ) -> bytes:
         if tx is not None:
             raise StoreError(E.EBUSY)
@@ -950,8 +993,10 @@ class Store:
         self._gen += 1
         return b"%d\0" % tx_id
 
-    def _do_transaction_end(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        arg = self._onearg(msg.payload)
+    def _do_transaction_end(
+        self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames
+    ) -> bytes:
+        arg = self._onearg(payload)
         if arg == b"T":
             commit = True
         elif arg == b"F":
@@ -998,17 +1043,19 @@ class Store:
     def _domid_arg(self, payload: bytes) -> int:
         return c_atoi(self._onearg(payload))
 
-    def _do_get_domain_path(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        return domain_path(self._domid_arg(msg.payload)) + b"\0"
+    def _do_get_domain_path(
+        self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames
+    ) -> bytes:
+        return domain_path(self._domid_arg(payload)) + b"\0"
 
     def _do_is_domain_introduced(
-        self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output
+        self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames
     ) -> bytes:
-        domid = self._domid_arg(msg.payload) & 0xFFFFFFFF
+        domid = self._domid_arg(payload) & 0xFFFFFFFF
         return b"T\0" if _signed(domid) in self._domains else b"F\0"
 
-    def _do_introduce(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        strings = msg.payload.split(b"\0")[:-1]
+    def _do_introduce(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        strings = payload.split(b"\0")[:-1]
         if len(strings) < 3:
             raise StoreError(E.EINVAL)
         domid = c_atoi(strings[0])
@@ -1022,8 +1069,8 @@ class Store:
         self._fire_special(INTRODUCE_DOMAIN, out)
         return _OK
 
-    def _do_release(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        domid = self._domid_arg(msg.payload)
+    def _do_release(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        domid = self._domid_arg(payload)
         if domid == 0:
             raise StoreError(E.EINVAL)
         if domid not in self._domains:
@@ -1038,7 +1085,7 @@ class Store:
         self._fire_special(RELEASE_DOMAIN, out)
         return _OK
 
-    def _remove_owned(self, conn: _Conn, domid: int, out: Output) -> None:
+    def _remove_owned(self, conn: _Conn, domid: int, out: Frames) -> None:
         """Remove every subtree whose top node the released domain owns, in a
         top-down walk of the tree (cxenstored 4.17 does not leave them behind)."""
         stack = [b"/"]
@@ -1052,16 +1099,16 @@ class Store:
                 continue
             stack.extend(reversed([_child(path, c) for c in node.children]))
 
-    def _do_resume(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        domid = self._domid_arg(msg.payload)
+    def _do_resume(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        domid = self._domid_arg(payload)
         if domid == 0:
             raise StoreError(E.EINVAL)
         if domid not in self._domains:
             raise StoreError(E.ENOENT)
         return _OK
 
-    def _do_set_target(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        strings = msg.payload.split(b"\0")[:-1]
+    def _do_set_target(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        strings = payload.split(b"\0")[:-1]
         if len(strings) < 2:
             raise StoreError(E.EINVAL)
         domid = c_atoi(strings[0])
@@ -1074,8 +1121,8 @@ class Store:
 
     # ------------------------------------------------------------------ control
 
-    def _do_control(self, conn: _Conn, tx: _Tx | None, msg: Message, out: Output) -> bytes:
-        strings = msg.payload.split(b"\0")[:-1]
+    def _do_control(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        strings = payload.split(b"\0")[:-1]
         if not strings:
             raise StoreError(E.EINVAL)
         cmd, args = strings[0], strings[1:]
@@ -1188,10 +1235,6 @@ def payload_watch_initial(payload: bytes) -> tuple[bytes, bytes]:
     """The (path, token) of a WATCH request as its initial event repeats them."""
     path, token, _ = payload.split(b"\0")
     return path, token
-
-
-def _watch_order(w: _Watch) -> tuple[int, int]:
-    return (w.conn.id, w.seq)
 
 
 def _signed(value: int) -> int:
