@@ -11,8 +11,9 @@ import pytest
 import trio
 
 from kvpfs.fs.backend import Backend
-from kvpfs.fs.mount import Session, force_unmount, fuse_options, mounted_at, serve
+from kvpfs.fs.mount import Session, fuse_options, serve
 from kvpfs.fs.operations import FsOptions, Operations
+from tests.mounting import stop_sessions
 
 
 def fuse_usable() -> str | None:
@@ -64,11 +65,4 @@ async def mount(
     try:
         yield factory
     finally:
-        for session in sessions:
-            try:
-                with trio.fail_after(15):
-                    await session.stop()
-            finally:
-                if mounted_at(session.mountpoint):
-                    await trio.to_thread.run_sync(force_unmount, session.mountpoint)
-            assert not mounted_at(session.mountpoint)
+        await stop_sessions(sessions)

@@ -7,12 +7,16 @@ through a worker thread or a subprocess, bounded by a timeout.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
+
+if TYPE_CHECKING:
+    from kvpfs.fs.mount import Session
 
 T = TypeVar("T")
 
@@ -92,3 +96,25 @@ async def nano_append(path: str, text: str) -> None:
                 await trio.sleep(0.05)
     finally:
         await sh(f"tmux kill-session -t {session}", check=False)
+
+
+def renameat2_noreplace(old: str, new: str) -> None:
+    """rename(2) with RENAME_NOREPLACE, as coreutils' mv tries first."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, old.encode(), -100, new.encode(), 1) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+async def stop_sessions(sessions: Iterable[Session]) -> None:
+    """Stop in-process mounts; whatever happened, the kernel lists none of them after."""
+    from kvpfs.fs.mount import force_unmount, mounted_at
+
+    for session in sessions:
+        try:
+            with trio.fail_after(15):
+                await session.stop()
+        finally:
+            if mounted_at(session.mountpoint):
+                await trio.to_thread.run_sync(force_unmount, session.mountpoint)
+        assert not mounted_at(session.mountpoint)

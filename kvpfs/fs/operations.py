@@ -258,6 +258,10 @@ class Operations(pyfuse3.Operations):
         else:
             backend, path = self._child_path(parent, sname)
             inode = self.inodes.find(backend, path) or self.inodes.ensure(backend, path)
+        return await self._hand_out(inode)
+
+    async def _hand_out(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """The attributes of ``inode`` for a reply that gives the kernel a lookup of it."""
         # Counted before the store is asked: a FORGET of the kernel's previous
         # lookups, handled while we wait, must not drop the inode we are handing out.
         inode.lookups += 1
@@ -454,16 +458,9 @@ class Operations(pyfuse3.Operations):
         parent = self._inode(parent_inode)
         backend, path = self._child_path(parent, _name(name))
         await self._call(backend, backend.mkdir(path))
-        inode = self.inodes.ensure(backend, path)
-        inode.lookups += 1  # before awaiting, as in lookup
-        try:
-            node = await self._node(inode)
-        except BaseException:
-            inode.lookups -= 1
-            self.inodes.drop_if_unused(inode)
-            raise
+        attrs = await self._hand_out(self.inodes.ensure(backend, path))
         self.invalidator.entry(parent, path[-1])
-        return self._attrs(inode, node)
+        return attrs
 
     @fuse_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

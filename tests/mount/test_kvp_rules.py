@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Callable
@@ -11,7 +10,7 @@ import pytest
 
 from kvpfs.kvp.names import key_to_name
 from tests.mount.kvp_fixtures import Pools, mount_kvp, pools, rec  # noqa: F401
-from tests.mounting import in_thread, read_bytes, sh, write_bytes
+from tests.mounting import in_thread, read_bytes, renameat2_noreplace, sh, write_bytes
 
 pytestmark = pytest.mark.mount
 
@@ -26,13 +25,6 @@ def errno_of(fn: Callable[..., object], *args: object) -> int:
 
 def mknod(path: str) -> None:
     os.mknod(path, 0o600 | 0o010000)  # a FIFO
-
-
-def renameat2_noreplace(old: str, new: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(-100, old.encode(), -100, new.encode(), 1) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def create(path: str, data: bytes = b"v\n") -> None:

@@ -26,7 +26,7 @@ from kvpfs.vbd.toolstack import Toolstack
 from kvpfs.xenstore.client import XenStoreClient
 from kvpfs.xenstore.fsbackend import XenStoreBackend
 from tests.conftest import fuse_usable
-from tests.mounting import in_thread, sh
+from tests.mounting import in_thread, sh, stop_sessions
 from tests.xenstore.conftest import ServerPath
 
 from .conftest import GUEST, axs_ls, ls_order, parse_ls
@@ -68,14 +68,7 @@ async def vbd_mount(
     try:
         yield factory
     finally:
-        for session in sessions:
-            try:
-                with trio.fail_after(15):
-                    await session.stop()
-            finally:
-                if mounted_at(session.mountpoint):
-                    await trio.to_thread.run_sync(force_unmount, session.mountpoint)
-            assert not mounted_at(session.mountpoint)
+        await stop_sessions(sessions)
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
 

@@ -8,7 +8,6 @@ going away is tested against both servers.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
@@ -19,7 +18,7 @@ import pytest
 import trio
 
 from kvpfs.fs.operations import FsOptions
-from tests.mounting import in_thread, sh, write_bytes
+from tests.mounting import in_thread, renameat2_noreplace, sh, write_bytes
 from tests.xenstore.conftest import ServerPath
 from tests.xsmount.conftest import (
     Restartable,
@@ -34,13 +33,6 @@ from tests.xsmount.conftest import (
 pytestmark = pytest.mark.mount
 
 LONG = "p" * 1000
-
-
-def renameat2_noreplace(old: str, new: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(-100, old.encode(), -100, new.encode(), 1) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def create(path: str, data: bytes = b"v\n") -> None:
