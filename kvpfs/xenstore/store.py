@@ -368,9 +368,10 @@ class Store:
             RELEASE_DOMAIN: _N0,
         }
         self._logfile_set = False
-        #: raw path (or one-argument payload) → canonical path, for paths already
-        #: validated; bounded, and re-checked against ``path_max`` (see _path).
-        self._canonical: dict[bytes, bytes] = {}
+        #: Absolute names already validated, and one-argument payloads (name and
+        #: NUL) → their name; see _remember.
+        self._valid_paths: dict[bytes, bytes] = {}
+        self._arg_paths: dict[bytes, bytes] = {}
         self._handlers: dict[int, _Handler] = {
             Op.CONTROL: self._do_control,
             Op.DIRECTORY: self._do_directory,
@@ -518,6 +519,9 @@ class Store:
 
     def _path(self, conn: _Conn, raw: bytes) -> bytes:
         """Canonical, validated node name (EINVAL otherwise)."""
+        path = self._valid_paths.get(raw)
+        if path is not None and len(path) <= self.quotas.path_max:
+            return path
         if raw[:1] == b"/":
             path = raw
         elif raw[:1] == b"@":
@@ -530,7 +534,30 @@ class Store:
             raise StoreError(E.EINVAL)
         if path.translate(None, _INVALID_CHARS) != path:
             raise StoreError(E.EINVAL)
+        if path is raw:
+            self._remember(self._valid_paths, raw, path)
         return path
+
+    def _path_arg(self, conn: _Conn, payload: bytes) -> bytes:
+        """``_path(_onearg(payload))``: a request whose argument is one node name."""
+        path = self._arg_paths.get(payload)
+        if path is not None and len(path) <= self.quotas.path_max:
+            return path
+        path = self._path(conn, self._onearg(payload))
+        if payload[:1] == b"/":
+            self._remember(self._arg_paths, payload, path)
+        return path
+
+    @staticmethod
+    def _remember(cache: dict[bytes, bytes], key: bytes, path: bytes) -> None:
+        """Cache a validated absolute path (validating costs more than the rest of
+        a read).  A relative name is not cached: its meaning depends on the
+        connection.  Only ``path_max`` can make a valid name invalid later, so a hit
+        is re-checked against it (a valid name longer than ``path_max``, allowed
+        below a domain's home, just misses)."""
+        if len(cache) >= _PATH_CACHE_MAX:
+            cache.clear()
+        cache[key] = path
 
     # ------------------------------------------------------------------ tree access
 
@@ -712,13 +739,27 @@ class Store:
         self._check(conn, tx, path, node, want)
         return path, node
 
+    def _existing_arg(self, conn: _Conn, tx: _Tx | None, payload: bytes, want: Access) -> Node:
+        path = self._path_arg(conn, payload)
+        node = self._get(tx, path)
+        if node is None:
+            raise self._missing(conn, tx, path)
+        self._check(conn, tx, path, node, want)
+        return node
+
     # ------------------------------------------------------------------ read ops
 
     def _do_read(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        return self._existing(conn, tx, self._onearg(payload), Access.READ)[1].value
+        path = self._path_arg(conn, payload)
+        node = self._nodes.get(path) if tx is None else self._get(tx, path)
+        if node is None:
+            raise self._missing(conn, tx, path)
+        if not conn.privileged and not (self._access(conn, node.perms) & _READ):
+            raise StoreError(E.EACCES)
+        return node.value
 
     def _do_directory(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        node = self._existing(conn, tx, self._onearg(payload), Access.READ)[1]
+        node = self._existing_arg(conn, tx, payload, _READ)
         data = b"".join([c + b"\0" for c in node.children])
         if len(data) > XENSTORE_PAYLOAD_MAX:
             raise StoreError(E.E2BIG)
@@ -745,7 +786,7 @@ class Store:
         return gen + data[offset:cut]
 
     def _do_get_perms(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        node = self._existing(conn, tx, self._onearg(payload), Access.READ)[1]
+        node = self._existing_arg(conn, tx, payload, _READ)
         return b"".join([p.encode() + b"\0" for p in node.perms])
 
     # ------------------------------------------------------------------ write ops
@@ -801,16 +842,24 @@ class Store:
             raise StoreError(E.EINVAL)
         path = self._path(conn, payload[:nul])
         value = payload[nul + 1 :]
-        node = self._get(tx, path)
+        node = self._nodes.get(path) if tx is None else self._get(tx, path)
         if node is None:
             created = self._create(conn, tx, path, value, out)
             self._fire(tx, path, created.perms, out)
             return _OK
-        self._check(conn, tx, path, node, Access.WRITE)
         if not conn.privileged:
+            self._check(conn, tx, path, node, _WRITE)
             size = node.record_size() - len(node.value) + len(value)
             if size >= self.quotas.node_size:
                 raise StoreError(E.ENOSPC)
+        if tx is None:
+            # _store and _fire inlined: the most frequent write of all.
+            node.value = value
+            node.gen = self._gen
+            self._gen += 1
+            if self._watch_index:
+                self._fire_now(path, node.perms, False, out)
+            return _OK
         node = self._for_write(tx, path, node)
         node.value = value
         self._store(tx, path, node)
@@ -818,7 +867,7 @@ class Store:
         return _OK
 
     def _do_mkdir(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        path = self._path(conn, self._onearg(payload))
+        path = self._path_arg(conn, payload)
         node = self._get(tx, path)
         if node is not None:
             self._check(conn, tx, path, node, Access.WRITE)
@@ -828,7 +877,7 @@ class Store:
         return _OK
 
     def _do_rm(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        path = self._path(conn, self._onearg(payload))
+        path = self._path_arg(conn, payload)
         node = self._get(tx, path)
         if node is None:
             err = self._missing(conn, tx, path)
