@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import select
 import socket as _stdsocket
@@ -88,13 +89,13 @@ class _IdleLoop:
     non-system clock).
     """
 
-    __slots__ = ("_clock", "_deadlines", "_runq", "_waiting_for_idle", "epoll_fd")
+    __slots__ = ("_next_deadline", "_now", "_runq", "_waiting_for_idle", "epoll_fd")
 
     def __init__(self, runner: Any) -> None:
         self._runq = runner.runq
-        self._deadlines = runner.deadlines
+        self._next_deadline = runner.deadlines.next_deadline
         self._waiting_for_idle = runner.waiting_for_idle
-        self._clock = runner.clock
+        self._now = runner.clock.current_time
         self.epoll_fd: int = runner.io_manager._epoll.fileno()
 
     @classmethod
@@ -117,7 +118,10 @@ class _IdleLoop:
         """How long the thread may block in poll(2) without delaying trio (0: not)."""
         if self._runq or self._waiting_for_idle:
             return 0
-        left = self._deadlines.next_deadline() - self._clock.current_time()
+        deadline = self._next_deadline()
+        if deadline == math.inf:
+            return _IDLE_POLL_MS
+        left = deadline - self._now()
         if left >= _IDLE_POLL_MS / 1000:
             return _IDLE_POLL_MS
         # poll(2) counts whole milliseconds: never past the deadline.
@@ -286,7 +290,8 @@ class XenstoredServer:
         dirty = self._dirty
         conn_id = client.conn_id
         max_pending = self.max_pending_bytes
-        batches = 0
+        # Batches read without asking whether anyone else is waiting (see below).
+        unchecked = 0
         idle = self._idle
         if idle is not None:
             poller = select.poll()
@@ -294,13 +299,22 @@ class XenstoredServer:
             poller.register(idle.epoll_fd, _POLLIN)
             budget = idle.budget_ms
             poll = poller.poll
+            ours = [(fd, _POLLIN)]
         readable = False
         while True:
-            if not readable:
+            if readable:
+                unchecked += 1
+                if unchecked == 16:
+                    # A client that always has input never waits: let others run.
+                    unchecked = 0
+                    await trio.lowlevel.checkpoint()
+            else:
                 # Input is awaited without trio when it is safe (see _IdleLoop);
-                # ready for us alone: read it in this same turn of the loop.
+                # ready for us alone: read it in this same turn of the loop.  Either
+                # way nobody else was kept waiting.
+                unchecked = 0
                 ms = budget() if idle is not None else 0
-                if not ms or poll(ms) != [(fd, _POLLIN)]:
+                if not ms or poll(ms) != ours:
                     await trio.lowlevel.wait_readable(sock)
             try:
                 data = sock.recv(_RECV_SIZE)
@@ -351,9 +365,7 @@ class XenstoredServer:
                 # Our own replies are not being read: stop reading requests until
                 # they drain (the client stalls only itself).
                 await client.drained.wait()
-            batches += 1
-            if batches & 15 == 0 or client.closing:
-                # A client that always has input never waits: let others run.
+            if client.closing:
                 await trio.lowlevel.checkpoint()
 
     def _send_own(self, client: _Client, frames: list[bytes]) -> None:
