@@ -93,6 +93,9 @@ _EINVAL_PAYLOAD = _ERROR_PAYLOADS[E.EINVAL]
 
 #: Bound of the cache of validated paths (:meth:`Store._path`).
 _PATH_CACHE_MAX = 4096
+#: Bound of the cache of encoded watch events (frames plus paths, see
+#: :meth:`Store._fire_entry`): at most about a megabyte.
+_FIRE_CACHE_MAX = 16384
 
 #: Size of cxenstored's on-disk node header (generation u64, three u32, padded to 8):
 #: the node-size quota counts it.
@@ -323,6 +326,7 @@ Output = list[tuple[int, Message]]
 Frames = list[tuple[int, bytes]]
 _Handler = Callable[[_Conn, "_Tx | None", bytes, Frames], bytes]
 _watch_order = attrgetter("order")
+_Fired = tuple[Frames, "list[_Conn | None]"]
 
 
 def _decode_frame(frame: bytes) -> Message:
@@ -361,6 +365,12 @@ class Store:
         self._watch_seq = 0
         #: watch path → watches on it, for matching an event against its ancestors.
         self._watch_index: dict[bytes, list[_Watch]] = {}
+        #: path → the events its change sends (see _fire_entry), one cache for
+        #: changes and one for removals (watches on the exact path only).  Any
+        #: change to the watches empties them; their size counts frames and paths.
+        self._fired: dict[bytes, _Fired] = {}
+        self._fired_exact: dict[bytes, _Fired] = {}
+        self._fired_size = 0
         self._domains: dict[int, _Domain] = {0: _Domain(0)}
         self._owned: dict[int, int] = {}
         self._special_perms: dict[bytes, tuple[Perm, ...]] = {
@@ -640,9 +650,36 @@ class Store:
         self._fire_now(path, perms, exact, out)
 
     def _fire_now(self, path: bytes, perms: tuple[Perm, ...], exact: bool, out: Frames) -> None:
-        index = self._watch_index
-        if not index:
+        if not self._watch_index:
             return
+        cache = self._fired_exact if exact else self._fired
+        entry = cache.get(path)
+        if entry is None:
+            entry = self._fire_entry(path, exact)
+            self._fired_size += len(entry[0]) + 1
+            if self._fired_size > _FIRE_CACHE_MAX:
+                self._forget_fired()
+                self._fired_size = len(entry[0]) + 1
+            cache[path] = entry
+        frames, guests = entry
+        if not guests:
+            out.extend(frames)
+            return
+        for pair, guest in zip(frames, guests, strict=True):
+            if guest is None or self._access(guest, perms) & _READ:
+                out.append(pair)
+
+    def _fire_entry(self, path: bytes, exact: bool) -> _Fired:
+        """The events a change of ``path`` sends, encoded, before permission checks.
+
+        In cxenstored's order (by connection, then watch age); one firing sends a
+        connection each distinct event once, even when several of its watches
+        (same token, same reported path) match.  Watches of one connection pass or
+        fail the permission check together, so removing duplicates first changes
+        nothing.  ``guests`` is empty when every connection is privileged, else it
+        holds, per frame, the unprivileged connection to check (None: no check).
+        """
+        index = self._watch_index
         if exact:
             matched = list(index.get(path, ()))
         else:
@@ -651,29 +688,31 @@ class Store:
                 got = index.get(anc)
                 if got:
                     matched.extend(got)
-        if not matched:
-            return
-        if len(matched) == 1:
-            w = matched[0]
-            conn = w.conn
-            if conn.privileged or self._access(conn, perms) & _READ:
-                epath = path[conn.home_len :] if w.relative else path
-                out.append((conn.id, _event_frame(epath + w.suffix)))
-            return
-        matched.sort(key=_watch_order)
-        # One firing sends a connection each distinct event once, even when several
-        # of its watches (same token, same reported path) match.
-        sent: set[tuple[int, bytes]] = set()
+        if len(matched) > 1:
+            matched.sort(key=_watch_order)
+        frames: Frames = []
+        guests: list[_Conn | None] = []
+        any_guest = False
+        seen: set[tuple[int, bytes]] = set()
         for w in matched:
             conn = w.conn
-            if not conn.privileged and not (self._access(conn, perms) & _READ):
-                continue
             payload = (path[conn.home_len :] if w.relative else path) + w.suffix
             key = (conn.id, payload)
-            if key in sent:
+            if key in seen:
                 continue
-            sent.add(key)
-            out.append((conn.id, _event_frame(payload)))
+            seen.add(key)
+            frames.append((conn.id, _event_frame(payload)))
+            if conn.privileged:
+                guests.append(None)
+            else:
+                guests.append(conn)
+                any_guest = True
+        return frames, guests if any_guest else []
+
+    def _forget_fired(self) -> None:
+        self._fired.clear()
+        self._fired_exact.clear()
+        self._fired_size = 0
 
     def _fire_special(self, name: bytes, out: Frames) -> None:
         watches = self._watch_index.get(name)
@@ -986,6 +1025,7 @@ class Store:
         w = _Watch(conn, path, token, relative, self._watch_seq)
         conn.watches.append(w)
         self._watch_index.setdefault(path, []).append(w)
+        self._forget_fired()
         return _OK
 
     def _watch_path(self, conn: _Conn, raw: bytes) -> tuple[bytes, bool]:
@@ -1009,6 +1049,7 @@ class Store:
         raise StoreError(E.ENOENT)
 
     def _unindex(self, w: _Watch) -> None:
+        self._forget_fired()
         lst = self._watch_index.get(w.path)
         if lst is not None:
             lst.remove(w)
