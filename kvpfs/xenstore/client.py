@@ -47,6 +47,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -391,7 +392,16 @@ class _Connection:
         self.stream = stream
         self.pending: dict[int, _Pending] = {}
         self.orphans: dict[int, _Pending] = {}
-        self.send_ch, self.recv_ch = trio.open_memory_channel[bytes](queue)
+        # Frames go straight from the calling task to a socket while nothing is queued
+        # (a task hop per request costs more than the whole syscall); once a send would
+        # block, or for streams without a socket, they queue for the writer task, which
+        # sends everything queued in one go.
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self.queue: deque[bytes] = deque()
+        self.capacity = max(queue, 1)
+        self.writing = False  # the writer owns the send side until its queue is empty
+        self.wake_writer = trio.lowlevel.ParkingLot()
+        self.space = trio.lowlevel.ParkingLot()
         self.lost = trio.Event()
         self.error: XenStoreError | None = None
 
@@ -406,8 +416,32 @@ class _Connection:
             p.done.set()
         self.pending.clear()
         self.orphans.clear()
-        self.send_ch.close()
-        self.recv_ch.close()
+        self.queue.clear()
+        self.space.unpark_all()
+
+    def full(self) -> bool:
+        return self.writing and len(self.queue) >= self.capacity
+
+    def push(self, frame: bytes) -> None:
+        """Send ``frame`` whole, now or (by the writer) later; never a part of it only.
+
+        Synchronous, so a cancelled caller cannot interrupt it halfway.
+        """
+        if not self.writing and self.fd >= 0:
+            try:
+                sent = os.write(self.fd, frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.fail(_lost(exc))
+                return
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+        self.queue.append(frame)
+        if not self.writing:
+            self.writing = True
+            self.wake_writer.unpark()
 
     def orphan(self, req_id: int, p: _Pending) -> None:
         self.orphans[req_id] = p
@@ -680,9 +714,16 @@ class XenStoreClient(_Ops):
             conn.fail(_lost(exc))
 
     async def _writer(self, conn: _Connection) -> None:
+        queue = conn.queue
         try:
-            async for frame in conn.recv_ch:
-                await conn.stream.send_all(frame)
+            while True:
+                while not queue:
+                    conn.writing = False
+                    await conn.wake_writer.park()
+                data = queue[0] if len(queue) == 1 else b"".join(queue)
+                queue.clear()
+                conn.space.unpark_all()
+                await conn.stream.send_all(data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             conn.fail(_lost(exc))
 
@@ -711,9 +752,11 @@ class XenStoreClient(_Ops):
                     self._send_nowait(conn, Op.UNWATCH, orphan.payload, 0)
 
     def _send_nowait(self, conn: _Connection, op: Op, payload: bytes, tx_id: int) -> None:
+        if conn.lost.is_set() or conn.full():
+            return
         req_id = self._next_req_id(conn)
-        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, ProtocolError):
-            conn.send_ch.send_nowait(encode_message(Message(op, req_id, tx_id, payload)))
+        with contextlib.suppress(ProtocolError):
+            conn.push(encode_message(Message(op, req_id, tx_id, payload)))
             conn.orphan(req_id, _Pending(op, payload, tx_id, sent=True))
 
     def _deliver(self, payload: bytes) -> None:
@@ -771,11 +814,13 @@ class XenStoreClient(_Ops):
         conn.pending[req_id] = p
         try:
             with trio.fail_after(math.inf if self.timeout is None else self.timeout):
-                try:
-                    await conn.send_ch.send(frame)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    raise _lost_copy(conn) from None
+                await trio.lowlevel.checkpoint_if_cancelled()
+                while conn.full():
+                    await conn.space.park()
+                if conn.lost.is_set():
+                    raise _lost_copy(conn)
                 p.sent = True
+                conn.push(frame)
                 await p.done.wait()
         except trio.TooSlowError:
             raise _error(
