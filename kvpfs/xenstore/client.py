@@ -50,7 +50,7 @@ import math
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -374,15 +374,49 @@ def _parse(fn: Callable[[Any], T], payload: Any) -> T:
 # --------------------------------------------------------------------------- connection
 
 
-@dataclass(eq=False, slots=True)
 class _Pending:
-    op: int
-    payload: bytes
-    tx_id: int
-    done: trio.Event = field(default_factory=trio.Event)
-    sent: bool = False
-    reply: Message | None = None
-    error: XenStoreError | None = None
+    """One request awaiting its reply.
+
+    The caller sleeps in ``wait_task_rescheduled`` and is woken directly (no Event,
+    no cancel scope per request): by its reply, by the connection failing, or by the
+    connection's timer when ``deadline`` passes.
+    """
+
+    __slots__ = (
+        "deadline",
+        "done",
+        "error",
+        "expired",
+        "op",
+        "payload",
+        "reply",
+        "sent",
+        "task",
+        "tx_id",
+    )
+
+    def __init__(self, op: int, payload: bytes, tx_id: int, sent: bool = False) -> None:
+        self.op = op
+        self.payload = payload
+        self.tx_id = tx_id
+        self.sent = sent
+        self.reply: Message | None = None
+        self.error: XenStoreError | None = None
+        self.done = False
+        self.task: trio.lowlevel.Task | None = None
+        self.deadline = math.inf
+        self.expired = False
+
+    def wake(self) -> None:
+        self.done = True
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task)
+
+    def abort(self, _: Any) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _Connection:
@@ -402,6 +436,10 @@ class _Connection:
         self.writing = False  # the writer owns the send side until its queue is empty
         self.wake_writer = trio.lowlevel.ParkingLot()
         self.space = trio.lowlevel.ParkingLot()
+        # Wakes the callers whose deadline passed; its deadline is at most the earliest
+        # deadline of a waiting caller (and usually that one: later callers' deadlines
+        # are later, so it only needs lowering for the first after an idle spell).
+        self.timer: trio.CancelScope | None = None
         self.lost = trio.Event()
         self.error: XenStoreError | None = None
 
@@ -413,7 +451,7 @@ class _Connection:
         self.lost.set()
         for p in self.pending.values():
             p.error = error
-            p.done.set()
+            p.wake()
         self.pending.clear()
         self.orphans.clear()
         self.queue.clear()
@@ -664,6 +702,7 @@ class XenStoreClient(_Ops):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reader, conn)
             nursery.start_soon(self._writer, conn)
+            nursery.start_soon(self._timer, conn)
             if first:
                 self._publish(conn)
                 task_status.started()
@@ -727,6 +766,21 @@ class XenStoreClient(_Ops):
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             conn.fail(_lost(exc))
 
+    async def _timer(self, conn: _Connection) -> None:
+        while True:
+            now = trio.current_time()
+            deadline = math.inf
+            for p in conn.pending.values():
+                if p.task is None:
+                    continue
+                if p.deadline <= now:
+                    p.expired = True
+                    p.wake()
+                elif p.deadline < deadline:
+                    deadline = p.deadline
+            with trio.CancelScope(deadline=deadline) as conn.timer:
+                await trio.sleep_forever()
+
     def _dispatch(self, conn: _Connection, msg: Message) -> None:
         if msg.type == Op.WATCH_EVENT:
             self._deliver(msg.payload)
@@ -734,7 +788,7 @@ class XenStoreClient(_Ops):
         p = conn.pending.pop(msg.req_id, None)
         if p is not None:
             p.reply = msg
-            p.done.set()
+            p.wake()
             return
         orphan = conn.orphans.pop(msg.req_id, None)
         if orphan is None:
@@ -812,20 +866,29 @@ class XenStoreClient(_Ops):
             raise _error(exc.errno, str(exc)) from None
         p = _Pending(int(op), payload, tx_id)
         conn.pending[req_id] = p
+        timeout = self.timeout
+        if timeout is not None:
+            p.deadline = trio.current_time() + timeout
         try:
-            with trio.fail_after(math.inf if self.timeout is None else self.timeout):
-                await trio.lowlevel.checkpoint_if_cancelled()
-                while conn.full():
-                    await conn.space.park()
-                if conn.lost.is_set():
-                    raise _lost_copy(conn)
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if conn.full():
+                with trio.move_on_at(p.deadline) as queued:
+                    while conn.full():
+                        await conn.space.park()
+                p.expired = queued.cancelled_caught
+            if conn.lost.is_set():
+                raise _lost_copy(conn)
+            if not p.expired:
                 p.sent = True
                 conn.push(frame)
-                await p.done.wait()
-        except trio.TooSlowError:
-            raise _error(
-                errno.ETIMEDOUT, f"no reply to {_op_name(op)} within {self.timeout} s"
-            ) from None
+                if not p.done:
+                    p.task = trio.lowlevel.current_task()
+                    timer = conn.timer
+                    if timer is not None and p.deadline < timer.deadline:
+                        timer.deadline = p.deadline
+                    await trio.lowlevel.wait_task_rescheduled(p.abort)
+            if p.expired:
+                raise _error(errno.ETIMEDOUT, f"no reply to {_op_name(op)} within {timeout} s")
         finally:
             if conn.pending.pop(req_id, None) is not None and p.sent:
                 conn.orphan(req_id, p)
