@@ -324,9 +324,13 @@ def run_unmount(argv: Sequence[str]) -> int:
         raise UsageError(f"{args.mountpoint} is not mounted")
     import subprocess
 
-    if subprocess.run(["fusermount3", "-u", args.mountpoint], check=False).returncode == 0:
+    done = subprocess.run(["fusermount3", "-u", args.mountpoint], check=False, capture_output=True)
+    if done.returncode == 0:
         return 0
-    return 0 if force_unmount(args.mountpoint) else 1
+    # Busy (an open file, a shell inside): detach it lazily, as umount -l does.
+    if force_unmount(args.mountpoint):
+        return 0
+    raise UsageError(f"cannot unmount {args.mountpoint}: {done.stderr.decode().strip()}")
 
 
 def _domain_socket(text: str) -> tuple[int, str]:

@@ -237,3 +237,20 @@ def test_embedded_xen_beside_kvp(mnt: Path, pools: Pools, tmp_path: Path) -> Non
     while socket_path.exists() and time.monotonic() < pid_gone_deadline:
         time.sleep(0.05)
     assert not socket_path.exists()
+
+
+def test_unmount_command_even_while_busy(mnt: Path, pools: Pools) -> None:  # noqa: F811
+    assert run(str(mnt), "--kvp-dir", str(pools.directory), "--xenstore", "off").returncode == 0
+    pid = kvpfs_pid(mnt)
+    assert pid is not None
+    fd = os.open(mnt / "kvp/guest", os.O_RDONLY)  # keeps the mount busy
+    try:
+        result = run("unmount", str(mnt))
+        assert result.returncode == 0, result.stderr
+        assert not mounted_at(str(mnt))
+    finally:
+        os.close(fd)
+    assert wait_gone(pid)
+    result = run("unmount", str(mnt))
+    assert result.returncode == 1
+    assert result.stderr == f"kvpfs: {mnt} is not mounted\n"
