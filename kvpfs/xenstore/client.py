@@ -471,7 +471,7 @@ class _Connection:
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                self.fail(_lost(exc))
+                self.fail(_socket_lost(exc))
                 return
             if sent == len(frame):
                 return
@@ -491,6 +491,11 @@ def _lost(exc: BaseException) -> XenStoreError:
     if isinstance(exc, XenStoreError):
         return exc
     return _error(errno.ECONNRESET, f"connection to xenstored lost: {exc}")
+
+
+def _socket_lost(exc: OSError) -> XenStoreError:
+    """As :func:`_lost` says it when the error comes through a trio SocketStream."""
+    return _lost(trio.BrokenResourceError(f"socket connection broken: {exc}"))
 
 
 # --------------------------------------------------------------------------- client
@@ -741,9 +746,29 @@ class XenStoreClient(_Ops):
 
     async def _reader(self, conn: _Connection) -> None:
         decoder = Decoder()
+        fd = conn.fd
+        data: bytes | bytearray
+        streak = 0
         try:
             while True:
-                data = await conn.stream.receive_some(65536)
+                if fd >= 0:
+                    # Straight from the socket, without trio's receive_some yielding once
+                    # more after every good recv; wait only when there is nothing to read.
+                    try:
+                        data = os.read(fd, 65536)
+                    except BlockingIOError:
+                        streak = 0
+                        await trio.lowlevel.wait_readable(fd)
+                        continue
+                    except OSError as exc:
+                        conn.fail(_socket_lost(exc))
+                        return
+                    streak += 1
+                    if streak >= 16:  # a flood of watch events must not starve the run
+                        streak = 0
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                else:
+                    data = await conn.stream.receive_some(65536)
                 if not data:
                     raise _error(errno.ECONNRESET, "xenstored closed the connection")
                 decoder.feed(data)
