@@ -78,7 +78,7 @@ class ServerStats:
     dropped_backlog: int = 0
 
 
-class _IdleLoop:
+class _IdleLoop(trio.abc.Instrument):
     """Whether this trio run has nothing to do but wait for I/O, and its epoll fd.
 
     A request/reply client sends its next request some tens of microseconds after
@@ -86,18 +86,22 @@ class _IdleLoop:
     scheduler pass, epoll_wait, rescheduling the task) costs about 25 us of CPU per
     request on a small VM, more than the whole request; a blocking ``poll(2)`` on
     the client's socket costs a few.  Blocking the thread is only harmless while
-    nothing else in the run could proceed: no runnable task, no task waiting for
-    the run to go idle, no deadline within the sleep, and no I/O pending for any
-    other task, which is what polling trio's own epoll fd alongside the socket
-    watches (other tasks' sockets, the wake-up socket that signals and other
-    threads use).  The run loop exposes none of this publicly (its statistics
-    walk every registered fd, costing as much as the wait they would save), so
-    this reads trio's internals, and falls back to plain trio waits when they are
-    not what it expects (another trio version, another I/O backend, guest mode, a
-    non-system clock).
-    """
+    nothing else in the run could proceed:
 
-    __slots__ = ("_next_deadline", "_now", "_runq", "_waiting_for_idle", "epoll_fd")
+    * no task is runnable: neither in the run queue nor still to run in the
+      current scheduler pass (trio takes the pass's tasks out of the queue before
+      running them; as an instrument this counts them off as they step);
+    * no task waits for the run to go idle, no deadline falls within the sleep;
+    * no I/O is pending for another task, which is what polling trio's own epoll
+      fd alongside the socket watches (other tasks' sockets, the wake-up socket
+      that signals and other threads use).
+
+    The run loop exposes the queue and its epoll fd only internally (its public
+    statistics walk every registered fd, costing as much as the wait they would
+    save), so this reads trio's internals, and is not used when they are not what
+    it expects (another trio version, another I/O backend, guest mode, a
+    non-system clock): the server then waits through trio only.
+    """
 
     def __init__(self, runner: Any) -> None:
         self._runq = runner.runq
@@ -105,9 +109,13 @@ class _IdleLoop:
         self._waiting_for_idle = runner.waiting_for_idle
         self._now = runner.clock.current_time
         self.epoll_fd: int = runner.io_manager._epoll.fileno()
+        #: Tasks of the current pass not yet run; unknown (large) until the first
+        #: pass this instrument sees starts.
+        self._pending = 1 << 30
 
     @classmethod
-    def current(cls) -> _IdleLoop | None:
+    def install(cls) -> _IdleLoop | None:
+        """Start counting in the current run (None: trio is not as expected)."""
         try:
             from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
 
@@ -120,11 +128,27 @@ class _IdleLoop:
             idle.budget_ms()
         except Exception:
             return None
+        trio.lowlevel.add_instrument(idle)
         return idle
+
+    def uninstall(self) -> None:
+        with contextlib.suppress(KeyError):
+            trio.lowlevel.remove_instrument(self)
+
+    def after_io_wait(self, timeout: float) -> None:
+        # The pass about to run takes every task queued now.  Deadlines that have
+        # passed, and a run going idle, wake more tasks before it starts: then its
+        # size is unknown.
+        self._pending = len(self._runq)
+        if self._waiting_for_idle or self._next_deadline() <= self._now():
+            self._pending = 1 << 30
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._pending -= 1
 
     def budget_ms(self) -> int:
         """How long the thread may block in poll(2) without delaying trio (0: not)."""
-        if self._runq or self._waiting_for_idle:
+        if self._pending > 0 or self._runq or self._waiting_for_idle:
             return 0
         deadline = self._next_deadline()
         if deadline == math.inf:
@@ -277,7 +301,7 @@ class XenstoredServer:
         server created are removed.  A bind error is raised before anything runs.
         """
         listeners: list[tuple[_stdsocket.socket, int]] = []
-        self._idle = _IdleLoop.current()
+        self._idle = _IdleLoop.install()
         try:
             listeners.append((self._bind(self.socket_path), 0))
             for domid, path in self.domain_sockets.items():
@@ -288,6 +312,9 @@ class XenstoredServer:
                     nursery.start_soon(self._accept_loop, nursery, sock, domid)
                 task_status.started(self)
         finally:
+            if self._idle is not None:
+                self._idle.uninstall()
+                self._idle = None
             for sock, _ in listeners:
                 trio.lowlevel.notify_closing(sock)
                 sock.close()
