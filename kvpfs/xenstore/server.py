@@ -256,9 +256,12 @@ class XenstoredServer:
     be inspected between requests.
 
     Sockets are plain non-blocking sockets driven with ``trio.lowlevel``
-    ``wait_readable``/``wait_writable``: a request costs one wait for input and two
-    system calls, not the several scheduler passes of trio's socket wrappers, which
-    is what lets a Python server keep up with cxenstored.
+    ``wait_readable``/``wait_writable``, not trio's socket wrappers (several
+    scheduler passes per request).  While nothing else in the run has work, a
+    connection waits for its next request in poll(2) instead (:class:`_IdleLoop`),
+    busy-polling briefly when that pays (:class:`_Spin`): a request then costs
+    poll, recv and send, and no scheduler pass at all, which is what lets a Python
+    server keep up with cxenstored.
     """
 
     def __init__(
