@@ -63,6 +63,11 @@ _SPIN_SECONDS = 50e-6
 #: Waits between two reviews of the spinning policy.
 _SPIN_WINDOW = 32
 _POLLIN = select.POLLIN
+# What _serve_input found.
+_ENDED = 0
+_EMPTY = 1
+_DONE = 2
+_MORE = 3
 _now = time.perf_counter
 _HEADER_SIZE = HEADER.size
 _unpack_header = HEADER.unpack_from
@@ -218,6 +223,7 @@ def _involuntary_switches() -> int:
 class _Client:
     __slots__ = (
         "blocked",
+        "buf",
         "cancel",
         "closing",
         "conn_id",
@@ -234,6 +240,8 @@ class _Client:
         self.sock = sock
         #: Bytes accepted for this client and not yet taken by the kernel.
         self.out = bytearray()
+        #: The start of a request whose rest has not arrived yet.
+        self.buf = b""
         #: The socket would block: the writer task owns sending until ``out`` drains.
         self.blocked = False
         self.wake = trio.Event()
@@ -286,6 +294,11 @@ class XenstoredServer:
         self._dirty: dict[int, _Client] = {}
         self._bound: list[str] = []
         self._idle: _IdleLoop | None = None
+        #: With _idle: every connection's socket (level-triggered), to find those
+        #: with requests waiting (see _serve_others), and trio's epoll fd alone.
+        self._connections: select.epoll | None = None
+        self._by_fd: dict[int, _Client] = {}
+        self._idle_poll: select.poll | None = None
         self._spin = _Spin()
         #: One receive buffer for every connection (a reader parses what it read
         #: before it waits again): receiving into a fresh 64 KiB bytes object each
@@ -305,6 +318,10 @@ class XenstoredServer:
         """
         listeners: list[tuple[_stdsocket.socket, int]] = []
         self._idle = _IdleLoop.install()
+        if self._idle is not None:
+            self._connections = select.epoll()
+            self._idle_poll = select.poll()
+            self._idle_poll.register(self._idle.epoll_fd, _POLLIN)
         try:
             listeners.append((self._bind(self.socket_path), 0))
             for domid, path in self.domain_sockets.items():
@@ -318,6 +335,10 @@ class XenstoredServer:
             if self._idle is not None:
                 self._idle.uninstall()
                 self._idle = None
+            if self._connections is not None:
+                self._connections.close()
+                self._connections = None
+                self._idle_poll = None
             for sock, _ in listeners:
                 trio.lowlevel.notify_closing(sock)
                 sock.close()
@@ -366,6 +387,10 @@ class XenstoredServer:
         conn_id = self.store.connect(domid)
         client = _Client(conn_id, domid, sock)
         self._clients[conn_id] = client
+        fd = sock.fileno()
+        if self._connections is not None:
+            self._connections.register(fd, select.EPOLLIN)
+            self._by_fd[fd] = client
         try:
             with client.cancel:
                 async with trio.open_nursery() as nursery:
@@ -375,6 +400,9 @@ class XenstoredServer:
         finally:
             del self._clients[conn_id]
             self._dirty.pop(conn_id, None)
+            if self._connections is not None:
+                self._connections.unregister(fd)
+                del self._by_fd[fd]
             self.store.disconnect(conn_id)
             trio.lowlevel.notify_closing(sock)
             sock.close()
@@ -383,14 +411,6 @@ class XenstoredServer:
     async def _reader(self, client: _Client) -> None:
         sock = client.sock
         fd = sock.fileno()
-        buf = b""
-        recv_into = sock.recv_into
-        rview = self._rview
-        store_handle = self.store.handle_frame
-        clients = self._clients
-        dirty = self._dirty
-        conn_id = client.conn_id
-        max_pending = self.max_pending_bytes
         # Batches read without asking whether anyone else is waiting (see below).
         unchecked = 0
         idle = self._idle
@@ -402,9 +422,15 @@ class XenstoredServer:
             poll = poller.poll
             ours = [(fd, _POLLIN)]
             spin = self._spin
-        readable = False
+        more = False
         while True:
-            if readable:
+            if client.blocked:
+                # Our own replies are not being read: stop reading requests until
+                # they drain (the client stalls only itself).
+                await client.drained.wait()
+            if client.closing:
+                await trio.lowlevel.checkpoint()
+            if more:
                 unchecked += 1
                 if unchecked == 16:
                     # A client that always has input never waits: let others run.
@@ -415,8 +441,9 @@ class XenstoredServer:
                 # ready for us alone: read it in this same turn of the loop.  Either
                 # way nobody else was kept waiting.
                 unchecked = 0
+                ready = False
                 ms = budget() if idle is not None else 0
-                if ms:
+                while ms:
                     if spin.seconds:
                         until = _now() + spin.seconds
                         got = poll(0)
@@ -428,64 +455,106 @@ class XenstoredServer:
                     else:
                         got = poll(ms)
                     spin.review()
-                if not ms or got != ours:
+                    if got == ours:
+                        ready = True
+                        break
+                    if not got:
+                        break
+                    if any(f != fd for f, _ in got) and not self._serve_others(client):
+                        break
+                    if any(f == fd for f, _ in got):
+                        ready = True
+                        break
+                    ms = budget()
+                if not ready:
                     await trio.lowlevel.wait_readable(sock)
-            try:
-                end = recv_into(rview)
-            except BlockingIOError:
-                readable = False
+                if client.blocked:
+                    continue
+            state = self._serve_input(client)
+            if state == _ENDED:
+                return
+            more = state == _MORE
+
+    def _serve_others(self, me: _Client) -> bool:
+        """Answer the requests waiting on other connections, from ``me``'s reader.
+
+        Called when a reader's poll(2) wait sees I/O for other tasks: if that is
+        only other connections' requests, answering them here costs a read and a
+        send each instead of a scheduler pass (their readers stay parked in trio;
+        their sockets are drained).  True if nothing else is pending in the run.
+        """
+        by_fd = self._by_fd
+        assert self._connections is not None and self._idle_poll is not None
+        for fd, _ in self._connections.poll(0):
+            other = by_fd.get(fd)
+            if other is None or other is me or other.blocked or other.closing:
                 continue
-            except OSError:
-                return
-            if not end:
-                return
-            # A full buffer may have left more behind.
-            readable = end == _RECV_SIZE
-            if buf:
-                # Behind the start of a frame left over from the last read.
-                view = memoryview(buf + rview[:end])
-                end = len(view)
-            else:
-                view = rview
-            pos = 0
-            own: list[bytes] = []
-            while end - pos >= _HEADER_SIZE:
-                mtype, req_id, tx_id, length = _unpack_header(view, pos)
-                if length > XENSTORE_PAYLOAD_MAX:
-                    # cxenstored drops a connection announcing an oversized payload.
-                    self.stats.dropped_oversized += 1
-                    self._send_own(client, own)
-                    self._flush_dirty()
-                    return
-                stop = pos + _HEADER_SIZE + length
-                if stop > end:
-                    break
-                payload = view[pos + _HEADER_SIZE : stop].tobytes()
-                pos = stop
-                for target, frame in store_handle(conn_id, mtype, req_id, tx_id, payload):
-                    if target == conn_id:
-                        own.append(frame)
-                        continue
-                    other = clients.get(target)
-                    if other is None:
-                        continue
-                    other.out += frame
-                    if len(other.out) > max_pending:
-                        self._drop_backlogged(other)
-                    else:
-                        dirty[target] = other
-            # The receive buffer is shared by all connections: keep our leftover.
-            buf = view[pos:end].tobytes() if pos < end else b""
-            if own:
+            if self._serve_input(other) == _ENDED:
+                other.close()
+        return not self._idle_poll.poll(0)
+
+    def _serve_input(self, client: _Client) -> int:
+        """Read what ``client`` sent and answer every complete request in it.
+
+        Returns ``_ENDED`` when the connection is over (end of stream, an error, an
+        oversized header), ``_EMPTY`` when nothing was there, ``_MORE`` when the
+        read filled the buffer (more may be waiting), else ``_DONE``.
+        """
+        rview = self._rview
+        try:
+            end = client.sock.recv_into(rview)
+        except BlockingIOError:
+            return _EMPTY
+        except OSError:
+            return _ENDED
+        if not end:
+            return _ENDED
+        state = _MORE if end == _RECV_SIZE else _DONE
+        if client.buf:
+            # Behind the start of a frame left over from the last read.
+            view = memoryview(client.buf + rview[:end])
+            end = len(view)
+        else:
+            view = rview
+        store_handle = self.store.handle_frame
+        clients = self._clients
+        dirty = self._dirty
+        conn_id = client.conn_id
+        max_pending = self.max_pending_bytes
+        pos = 0
+        own: list[bytes] = []
+        while end - pos >= _HEADER_SIZE:
+            mtype, req_id, tx_id, length = _unpack_header(view, pos)
+            if length > XENSTORE_PAYLOAD_MAX:
+                # cxenstored drops a connection announcing an oversized payload.
+                self.stats.dropped_oversized += 1
                 self._send_own(client, own)
-            if dirty:
                 self._flush_dirty()
-            if client.blocked:
-                # Our own replies are not being read: stop reading requests until
-                # they drain (the client stalls only itself).
-                await client.drained.wait()
-            if client.closing:
-                await trio.lowlevel.checkpoint()
+                return _ENDED
+            stop = pos + _HEADER_SIZE + length
+            if stop > end:
+                break
+            payload = view[pos + _HEADER_SIZE : stop].tobytes()
+            pos = stop
+            for target, frame in store_handle(conn_id, mtype, req_id, tx_id, payload):
+                if target == conn_id:
+                    own.append(frame)
+                    continue
+                other = clients.get(target)
+                if other is None:
+                    continue
+                other.out += frame
+                if len(other.out) > max_pending:
+                    self._drop_backlogged(other)
+                else:
+                    dirty[target] = other
+        # The receive buffer is shared by all connections: keep the leftover.
+        client.buf = view[pos:end].tobytes() if pos < end else b""
+        if own:
+            self._send_own(client, own)
+        if dirty:
+            self._flush_dirty()
+        return state
 
     def _send_own(self, client: _Client, frames: list[bytes]) -> None:
         """Send a batch's replies (and events for the requester) with one send."""
