@@ -528,8 +528,7 @@ class XenstoredServer:
             if length > XENSTORE_PAYLOAD_MAX:
                 # cxenstored drops a connection announcing an oversized payload.
                 self.stats.dropped_oversized += 1
-                self._send_own(client, own)
-                self._flush_dirty()
+                self._send_batch(client, own)
                 return _ENDED
             stop = pos + _HEADER_SIZE + length
             if stop > end:
@@ -538,6 +537,9 @@ class XenstoredServer:
             pos = stop
             for target, frame in store_handle(conn_id, mtype, req_id, tx_id, payload):
                 if target == conn_id:
+                    if not own and dirty:
+                        # Sent after the connections queued before it.
+                        dirty[conn_id] = client
                     own.append(frame)
                     continue
                 other = clients.get(target)
@@ -550,34 +552,18 @@ class XenstoredServer:
                     dirty[target] = other
         # The receive buffer is shared by all connections: keep the leftover.
         client.buf = view[pos:end].tobytes() if pos < end else b""
-        if own:
-            self._send_own(client, own)
-        if dirty:
-            self._flush_dirty()
+        self._send_batch(client, own)
         return state
 
-    def _send_own(self, client: _Client, frames: list[bytes]) -> None:
-        """Send a batch's replies (and events for the requester) with one send."""
-        if not frames:
-            return
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        if client.out or client.blocked:
-            # Behind bytes already queued: keep the order, the writer sends them.
-            client.out += data
-            self._dirty[client.conn_id] = client
-            return
-        try:
-            sent = client.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            client.close()
-            return
-        if sent < len(data):
-            client.out += memoryview(data)[sent:]
-            client.blocked = True
-            client.drained = trio.Event()
-            client.wake.set()
+    def _send_batch(self, client: _Client, own: list[bytes]) -> None:
+        """Send what a batch of ``client``'s requests produced (``own``: the frames
+        for ``client``), in the order the connections got their first bytes, so
+        that the events a request causes elsewhere go before its reply."""
+        if own and client.conn_id not in self._dirty:
+            # Its first frame came before any other connection's.
+            self._send_frames(client, own)
+        if self._dirty:
+            self._flush_dirty(client, own)
 
     def _drop_backlogged(self, client: _Client) -> None:
         self.stats.dropped_backlog += 1
@@ -585,32 +571,53 @@ class XenstoredServer:
         self._dirty.pop(client.conn_id, None)
         client.close()
 
-    def _flush_dirty(self) -> None:
-        """Hand every queued byte to the kernel without blocking; a socket that is
-        full is passed to its writer task."""
+    def _flush_dirty(self, me: _Client | None = None, own: list[bytes] | None = None) -> None:
+        """Hand every queued byte to the kernel without blocking, a connection at a
+        time in the order they were queued; a socket that is full is passed to its
+        writer task.  ``own`` holds the frames for ``me``, whose batch this is:
+        joined, they are sent as they are unless bytes are queued before them."""
         dirty = self._dirty
-        if not dirty:
-            return
         for client in list(dirty.values()):
-            if client.blocked:
-                continue
-            out = client.out
-            try:
-                sent = client.sock.send(out)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                client.out.clear()
-                client.close()
-                continue
+            if client is me and own:
+                self._send_frames(client, own)
+            elif not client.blocked:
+                self._send(client, client.out)
+        dirty.clear()
+
+    def _send_frames(self, client: _Client, frames: list[bytes]) -> None:
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if client.out or client.blocked:
+            # Behind bytes already queued: keep the order.
+            client.out += data
+            if not client.blocked:
+                self._send(client, client.out)
+        else:
+            self._send(client, data)
+
+    def _send(self, client: _Client, data: bytes | bytearray) -> None:
+        """Send ``data`` (``client.out`` itself, or bytes with nothing queued before
+        them); what the kernel does not take is left to the writer task."""
+        try:
+            sent = client.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            client.out.clear()
+            client.close()
+            return
+        out = client.out
+        if data is out:
             if sent == len(out):
                 out.clear()
-            else:
-                del out[:sent]
-                client.blocked = True
-                client.drained = trio.Event()
-                client.wake.set()
-        dirty.clear()
+                return
+            del out[:sent]
+        elif sent == len(data):
+            return
+        else:
+            out += memoryview(data)[sent:]
+        client.blocked = True
+        client.drained = trio.Event()
+        client.wake.set()
 
     async def _writer(self, client: _Client) -> None:
         sock = client.sock
