@@ -119,6 +119,7 @@ def start_embedded() -> Server:
     )
     assert proc.stdout is not None
     proc.stdout.readline()
+    _pin(proc.pid)
     return Server("embedded", proc, path, tmp)
 
 
@@ -137,7 +138,17 @@ def start_real(shim: str) -> Server:
         if os.path.exists(path):
             break
         time.sleep(0.01)
+    _pin(proc.pid)
     return Server("cxenstored", proc, path, tmp)
+
+
+#: CPU the servers are pinned to (--cpus), None: not pinned.
+SERVER_CPU: int | None = None
+
+
+def _pin(pid: int) -> None:
+    if SERVER_CPU is not None:
+        os.sched_setaffinity(pid, {SERVER_CPU})
 
 
 def build_shim() -> str | None:
@@ -328,7 +339,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per workload")
     parser.add_argument("--nodes", type=int, default=100_000)
     parser.add_argument("--only", help="run only workloads whose name contains this")
+    parser.add_argument(
+        "--cpus", help="SERVER,CLIENT: pin the servers and the client to these CPUs"
+    )
     args = parser.parse_args()
+    if args.cpus:
+        global SERVER_CPU
+        server_cpu, client_cpu = (int(c) for c in args.cpus.split(","))
+        SERVER_CPU = server_cpu
+        os.sched_setaffinity(0, {client_cpu})
 
     shim = build_shim()
     if shim is None:
