@@ -987,8 +987,16 @@ class XenStoreBackend(Backend):
 
         try:
             await self._transaction(client, rm_leaf)
+            self._keep_parent_a_dir(path)
         finally:
             self._changed(path, push=False)
+
+    def _keep_parent_a_dir(self, path: Path) -> None:
+        # Removing its last child would turn the parent into a file, and `rm -r`
+        # (or mv's copy-and-delete) would then get ENOTDIR from the kernel for the
+        # rmdir that follows: it stays a directory while it exists, as after mkdir.
+        if len(path) > 1:
+            self._made_dirs.add(path[:-1])
 
     async def mkdir(self, path: Path) -> None:
         xs = self._new(path)
@@ -1024,6 +1032,7 @@ class XenStoreBackend(Backend):
         try:
             await self._transaction(client, rm_empty)
             self._made_dirs.discard(path)
+            self._keep_parent_a_dir(path)
         finally:
             self._changed(path, push=False)
 
