@@ -13,14 +13,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from kvpfs import __version__
-
-if TYPE_CHECKING:
-    from kvpfs.fs.backend import Backend
-    from kvpfs.fs.operations import Operations
+from kvpfs.config import MountConfig, parse_mount_options
+from kvpfs.errors import UsageError
 
 log = logging.getLogger("kvpfs")
 
@@ -39,69 +35,6 @@ mount options (-o, comma-separated):
   timeout=S          seconds before a store that does not answer gives EIO (default 30)
   vbd_timeout=S      how long vbd attach/detach wait for the backend (default 10)
 """
-
-
-class UsageError(Exception):
-    """A one-line message for the user; exit status 2 (usage) or 1 (runtime)."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class MountConfig:
-    mountpoint: str
-    foreground: bool = False
-    debug: bool = False
-    kvp_dir: str | None = None
-    log_file: str | None = None
-    read_only: bool = False
-    raw: bool = False
-    allow_other: bool = False
-    kvp_all_writable: bool = False
-    kvp_limits: str = "host"
-    uid: int = field(default_factory=os.getuid)
-    gid: int = field(default_factory=os.getgid)
-    attr_timeout: float = 1.0
-    timeout: float = 30.0
-    #: "auto" (the real xenstored if one answers, else an embedded one), "off", or a path.
-    xenstore: str = "auto"
-    vbd_timeout: float = 10.0
-    #: Lines the user should see once the mount is ready (the embedded socket).
-    announcements: list[str] = field(default_factory=list)
-
-
-def parse_mount_options(config: MountConfig, text: str) -> None:
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        try:
-            if name == "ro" and not value:
-                config.read_only = True
-            elif name == "rw" and not value:
-                config.read_only = False
-            elif name == "raw" and not value:
-                config.raw = True
-            elif name == "allow_other" and not value:
-                config.allow_other = True
-            elif name == "kvp_writable" and value in ("all", "default"):
-                config.kvp_all_writable = value == "all"
-            elif name == "kvp_limits" and value in ("host", "format"):
-                config.kvp_limits = value
-            elif name == "uid" and value:
-                config.uid = int(value)
-            elif name == "gid" and value:
-                config.gid = int(value)
-            elif name == "attr_timeout" and value:
-                config.attr_timeout = float(value)
-            elif name == "timeout" and value:
-                config.timeout = float(value)
-            elif name == "vbd_timeout" and value:
-                config.vbd_timeout = float(value)
-            else:
-                raise UsageError(f"unknown or malformed mount option '{item}'", 2)
-        except ValueError:
-            raise UsageError(f"malformed value in mount option '{item}'", 2) from None
 
 
 def _mount_parser() -> argparse.ArgumentParser:
@@ -171,59 +104,6 @@ def preflight(config: MountConfig) -> None:
     os.close(fd)
 
 
-def build_operations(config: MountConfig) -> Operations:
-    from kvpfs.fs.operations import FsOptions, Operations
-    from kvpfs.kvp.backend import KvpBackend
-    from kvpfs.kvp.location import PoolDirError, find_pool_dir
-
-    try:
-        location = find_pool_dir(config.kvp_dir)
-    except PoolDirError as exc:
-        raise UsageError(str(exc)) from None
-    log.info("KVP pools: %s (%s)", location.path, location.kind.value)
-    kvp = KvpBackend(
-        location.path,
-        all_writable=config.kvp_all_writable,
-        read_only=config.read_only,
-        limits="format" if config.kvp_limits == "format" else "host",
-    )
-    backends: list[Backend] = [kvp]
-    if config.xenstore != "off":
-        backends += _xen_backends(config)
-    options = FsOptions(
-        raw=config.raw,
-        uid=config.uid,
-        gid=config.gid,
-        attr_timeout=config.attr_timeout,
-        backend_timeout=config.timeout,
-    )
-    return Operations(backends, options)
-
-
-def _xen_backends(config: MountConfig) -> list[Backend]:
-    """``xenstore/`` and ``vbd/``: on the real xenstored if one answers, else on an
-    embedded one that the mount serves itself, with a simulated block backend."""
-    from kvpfs.vbd.backend import build_vbd_backend
-    from kvpfs.xenstore.fsbackend import XenStoreBackend
-
-    socket_path = None if config.xenstore == "auto" else config.xenstore
-    xenstore = XenStoreBackend.for_mount(
-        socket_path, read_only=config.read_only, timeout=config.timeout
-    )
-    log.info("XenStore: %s", xenstore.describe())
-    if xenstore.embedded:
-        config.announcements.append(f"embedded xenstored: XENSTORED_PATH={xenstore.socket_path}")
-    vbd = build_vbd_backend(
-        xenstore.socket_path,
-        embedded=xenstore.embedded,
-        attach_timeout=config.vbd_timeout,
-        detach_timeout=config.vbd_timeout,
-    )
-    # Order matters: the mount starts backends in turn, and vbd/ connects to the
-    # xenstored that xenstore/ may be serving itself.
-    return [xenstore, vbd]
-
-
 def _setup_logging(config: MountConfig) -> None:
     level = logging.DEBUG if config.debug else logging.WARNING
     logging.basicConfig(level=level, format="kvpfs: %(levelname)s %(name)s: %(message)s")
@@ -282,25 +162,20 @@ def _detach_stdio(log_file: str | None) -> None:
 def _serve(config: MountConfig, ready_fd: int | None) -> int:
     import trio
 
-    from kvpfs.fs.mount import fuse_options, serve
+    from kvpfs.compose import plan_mount, serve_mount
 
-    ops = build_operations(config)
-    opts = fuse_options(allow_other=config.allow_other, read_only=config.read_only)
+    plan = plan_mount(config)
+    announcements = plan.describe()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(
-                    functools.partial(serve, handle_signals=True), ops, config.mountpoint, opts
-                )
-            except RuntimeError as exc:
-                raise UsageError(f"mounting on {config.mountpoint} failed: {exc}") from None
+            await nursery.start(functools.partial(serve_mount, handle_signals=True), config, plan)
             log.info("mounted on %s", config.mountpoint)
             if ready_fd is None:
-                for line in config.announcements:
+                for line in announcements:
                     print(f"kvpfs: {line}", file=sys.stderr, flush=True)
             else:
-                os.write(ready_fd, "\n".join(["ready", *config.announcements]).encode())
+                os.write(ready_fd, "\n".join(["ready", *announcements]).encode())
                 os.close(ready_fd)
                 _detach_stdio(config.log_file)
 
@@ -367,7 +242,7 @@ def run_xenstored(argv: Sequence[str]) -> int:
 
     import trio
 
-    from kvpfs.xenstore.server import serve_xenstored
+    from kvpfs.peers.xenstored.server import serve_xenstored
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -396,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "hostsim":
         # First: unshare(CLONE_NEWNS) needs a process that has started no thread.
-        from kvpfs.kvp.hostsim import run_hostsim
+        from kvpfs.peers.hyperv.hostsim import run_hostsim
 
         return run_hostsim(args[1:])
     try:

@@ -17,3 +17,11 @@ class FsError(Exception):
         self.errno = errno
         self.message = message or os.strerror(errno)
         super().__init__(f"[{_errno.errorcode.get(errno, errno)}] {self.message}")
+
+
+class UsageError(Exception):
+    """A one-line message for the user of a command; exit status 2 (usage) or 1."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status

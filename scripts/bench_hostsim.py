@@ -33,7 +33,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kvpfs.kvp import hostsim
+from kvpfs.peers.hyperv import hostsim
 
 
 def pct(values: list[float], q: float) -> float:

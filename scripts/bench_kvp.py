@@ -935,20 +935,19 @@ os.setsid()
 cli._setup_logging(config)
 import functools, json
 import trio, pyfuse3
-from kvpfs.fs.mount import fuse_options, serve
-ops = cli.build_operations(config)
-C["build_operations"] = time.monotonic_ns()
-opts = fuse_options()
+from kvpfs.compose import plan_mount, serve_mount
+plan = plan_mount(config)
+C["plan_mount"] = time.monotonic_ns()
 _init = pyfuse3.init
 def timed_init(*a):
-    C["backends start (first poll)"] = time.monotonic_ns()
+    C["views start (first poll)"] = time.monotonic_ns()
     _init(*a)
     C["pyfuse3.init (mount)"] = time.monotonic_ns()
 pyfuse3.init = timed_init
 async def main():
     C["trio.run entered"] = time.monotonic_ns()
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(serve, handle_signals=True), ops, mnt, opts)
+        await nursery.start(functools.partial(serve_mount, handle_signals=True), config, plan)
         C["serve started (ready)"] = time.monotonic_ns()
         os.write(w, json.dumps(C).encode())
         os.close(w)
@@ -963,8 +962,8 @@ finally:
 
 PHASES = [
     "start", "import kvpfs.cli", "parse args", "import kvpfs.fs.mount (trio, pyfuse3)",
-    "preflight checks", "fork, child runs", "build_operations", "trio.run entered",
-    "backends start (first poll)", "pyfuse3.init (mount)", "serve started (ready)",
+    "preflight checks", "fork, child runs", "plan_mount", "trio.run entered",
+    "views start (first poll)", "pyfuse3.init (mount)", "serve started (ready)",
     "parent sees ready",
 ]  # fmt: skip
 TEARDOWN = "parent exits (interpreter teardown)"
@@ -1028,7 +1027,7 @@ def bench_c(janitor: Janitor, work: str, runs: int) -> list[str]:
         return median(vals) / 1e6
 
     py = sys.executable
-    imports = "import kvpfs.cli, kvpfs.fs.mount, kvpfs.kvp.backend"
+    imports = "import kvpfs.cli, kvpfs.compose"
     rows = [
         ["command returns (mount ready)", f"{median(returned) / 1e6:.0f}", span(returned, 1e6, 0)],
         ["first stat of MNT/kvp/guest ok", f"{median(first_stat) / 1e6:.0f}",

@@ -46,14 +46,15 @@ sys.path.insert(0, str(REPO))
 
 import trio  # noqa: E402
 
-from kvpfs.fs.backend import Backend  # noqa: E402
-from kvpfs.fs.backend import Path as FsPath  # noqa: E402
 from kvpfs.fs.mount import Session, force_unmount, fuse_options, mounted_at, serve  # noqa: E402
 from kvpfs.fs.operations import FsOptions, Operations  # noqa: E402
-from kvpfs.vbd.backend import VbdBackend  # noqa: E402
+from kvpfs.fs.view import Path as FsPath  # noqa: E402
+from kvpfs.fs.view import View  # noqa: E402
+from kvpfs.peers.xendrivers import SimulatedXen  # noqa: E402
+from kvpfs.peers.xenstored.server import serve_xenstored  # noqa: E402
 from kvpfs.vbd.layout import device_paths  # noqa: E402
+from kvpfs.vbd.view import VbdView  # noqa: E402
 from kvpfs.xenstore.client import XenStoreClient, XenStoreError  # noqa: E402
-from kvpfs.xenstore.server import serve_xenstored  # noqa: E402
 
 TARGET_MS = 20.0
 Step = Callable[[], Awaitable[None]]
@@ -62,10 +63,10 @@ DEVID = 51728  # xvdb
 
 
 class _NoSink:
-    def value_changed(self, backend: Backend, path: FsPath) -> None:
+    def value_changed(self, backend: View, path: FsPath) -> None:
         return None
 
-    def entries_changed(self, backend: Backend, directory: FsPath, names: Sequence[str]) -> None:
+    def entries_changed(self, backend: View, directory: FsPath, names: Sequence[str]) -> None:
         return None
 
 
@@ -141,7 +142,8 @@ async def bench(rounds: int, warmup: int, use_mount: bool) -> int:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(serve_xenstored, sock, initial="domains"))
-            vbd = VbdBackend(sock, simulate=True)
+            await nursery.start(SimulatedXen(sock).run)
+            vbd = VbdView(sock)
             if use_mount:
                 ops = Operations([vbd], FsOptions())
                 session = await nursery.start(serve, ops, str(mnt), fuse_options())

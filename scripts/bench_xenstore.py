@@ -4,7 +4,7 @@
 Usage: .venv/bin/python scripts/bench_xenstore.py [--seconds S] [--nodes N]
 
 Both servers run as separate processes (the embedded one as ``python -m
-kvpfs.xenstore.server``; cxenstored under the test shim of tests/xenstore/fakexen.c,
+kvpfs.peers.xenstored.server``; cxenstored under the test shim of tests/xenstore/fakexen.c,
 compiled into a temporary directory).  One plain blocking client (raw sockets plus
 kvpfs.xenstore.protocol framing) drives both, so the client cost is identical.
 Prints operations per second for each workload and the ratio embedded/cxenstored,
@@ -112,7 +112,7 @@ def start_embedded() -> Server:
     tmp = tempfile.mkdtemp(prefix="bxe-")
     path = os.path.join(tmp, "sock")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvpfs.xenstore.server", path],
+        [sys.executable, "-m", "kvpfs.peers.xenstored.server", path],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

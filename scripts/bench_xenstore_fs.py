@@ -5,7 +5,7 @@ Usage: .venv/bin/python scripts/bench_xenstore_fs.py [--nodes N] [--rss-nodes M]
        [--servers embedded,real] [--attr-timeout S] [--runs R]
 
 For each server (the embedded xenstored as a separate ``python -m
-kvpfs.xenstore.server`` process, and cxenstored 4.17 under the test shim
+kvpfs.peers.xenstored.server`` process, and cxenstored 4.17 under the test shim
 tests/xenstore/fakexen.c compiled into a temporary directory):
 
 1. fill it with a tree of N nodes shaped like a host's (domains with names,
@@ -147,7 +147,7 @@ class Server:
     def start(self) -> None:
         if self.kind == "embedded":
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "kvpfs.xenstore.server", self.socket],
+                [PYTHON, "-m", "kvpfs.peers.xenstored.server", self.socket],
                 cwd=REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -285,8 +285,8 @@ def serve_mount(socket_path: str, mountpoint: str, stats_file: str, attr_timeout
 
     from kvpfs.fs.mount import fuse_options, serve
     from kvpfs.fs.operations import FsOptions, Operations
-    from kvpfs.xenstore.fsbackend import XenStoreBackend
     from kvpfs.xenstore.protocol import Decoder, Op
+    from kvpfs.xenstore.view import XenStoreView
 
     requests: Counter[str] = Counter()
 
@@ -314,9 +314,9 @@ def serve_mount(socket_path: str, mountpoint: str, stats_file: str, attr_timeout
         return Counting(await trio.open_unix_socket(socket_path))
 
     floor = os.environ.get("KVPFS_BENCH_FLOOR") == "1"
-    backend = XenStoreBackend(connect=connect, timeout=60)
+    backend = XenStoreView(connect=connect, timeout=60)
     served = floor_backend(load_tree(socket_path)) if floor else backend
-    ops = Operations([served], FsOptions(attr_timeout=attr_timeout, backend_timeout=60))  # type: ignore[list-item]
+    ops = Operations([served], FsOptions(attr_timeout=attr_timeout, store_timeout=60))  # type: ignore[list-item]
 
     async def report(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGUSR1) as signals:
@@ -377,9 +377,9 @@ def floor_backend(nodes: dict[tuple[str, ...], tuple[list[str], bytes]]) -> obje
     import errno
 
     from kvpfs.errors import FsError
-    from kvpfs.fs.backend import Backend, Node, NodeKind
+    from kvpfs.fs.view import Node, NodeKind, View
 
-    class Floor(Backend):
+    class Floor(View):
         name = "xenstore"
 
         def _node(self, path: tuple[str, ...]) -> Node:

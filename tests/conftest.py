@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from kvpfs.fs.backend import Backend
 from kvpfs.fs.mount import Session, fuse_options, serve
 from kvpfs.fs.operations import FsOptions, Operations
+from kvpfs.fs.view import View
 from tests.mounting import stop_sessions
 
 
@@ -37,7 +37,7 @@ MountFactory = Callable[..., Awaitable[Session]]
 async def mount(
     nursery: trio.Nursery, tmp_path: Path
 ) -> AsyncIterator[MountFactory]:
-    """``await mount([backends], options=FsOptions(...), read_only=False)`` -> Session.
+    """``await mount([views], options=FsOptions(...), read_only=False)`` -> Session.
 
     The mountpoint is ``session.mountpoint``.  Teardown stops the session and, if
     the kernel still lists the mount, detaches it lazily, whatever the test did.
@@ -48,7 +48,7 @@ async def mount(
     sessions: list[Session] = []
 
     async def factory(
-        backends: Sequence[Backend],
+        views: Sequence[View],
         options: FsOptions | None = None,
         *,
         read_only: bool = False,
@@ -56,7 +56,7 @@ async def mount(
     ) -> Session:
         mnt = tmp_path / f"mnt{len(sessions)}"
         mnt.mkdir()
-        ops = Operations(backends, options or FsOptions())
+        ops = Operations(views, options or FsOptions())
         opts = fuse_options(read_only=read_only, allow_other=allow_other)
         session: Session = await nursery.start(serve, ops, str(mnt), opts)
         sessions.append(session)

@@ -1,4 +1,4 @@
-"""Inode bookkeeping: kernel inode numbers <-> (backend, path).
+"""Inode bookkeeping: kernel inode numbers <-> (view, path).
 
 Inodes are path-based: a rename moves the inode to the new path (as the kernel
 moves its dentry), and an inode is dropped once the kernel has forgotten every
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pyfuse3
 
-from kvpfs.fs.backend import Backend, Path
+from kvpfs.fs.view import Path, View
 
 ROOT_INODE: int = pyfuse3.ROOT_INODE
 
@@ -20,7 +20,7 @@ ROOT_INODE: int = pyfuse3.ROOT_INODE
 class Inode:
     ino: int
     #: None for the mount's root directory.
-    backend: Backend | None
+    view: View | None
     path: Path
     lookups: int = 0
     #: chmod/chown/utimens are accepted and kept here, never persisted.
@@ -36,7 +36,7 @@ class Inode:
 
     @property
     def key(self) -> tuple[int, Path]:
-        return (id(self.backend), self.path)
+        return (id(self.view), self.path)
 
 
 class InodeTable:
@@ -52,13 +52,13 @@ class InodeTable:
     def get(self, ino: int) -> Inode | None:
         return self._by_ino.get(ino)
 
-    def find(self, backend: Backend, path: Path) -> Inode | None:
-        return self._by_key.get((id(backend), path))
+    def find(self, view: View, path: Path) -> Inode | None:
+        return self._by_key.get((id(view), path))
 
-    def ensure(self, backend: Backend, path: Path) -> Inode:
-        inode = self._by_key.get((id(backend), path))
+    def ensure(self, view: View, path: Path) -> Inode:
+        inode = self._by_key.get((id(view), path))
         if inode is None:
-            inode = Inode(self._next, backend, path)
+            inode = Inode(self._next, view, path)
             self._next += 1
             self._by_ino[inode.ino] = inode
             self._by_key[inode.key] = inode
@@ -66,19 +66,19 @@ class InodeTable:
 
     def move(self, inode: Inode, new_path: Path) -> None:
         """Re-key ``inode`` (and, for directories, everything below it) to ``new_path``."""
-        assert inode.backend is not None
+        assert inode.view is not None
         old_path = inode.path
-        displaced = self._by_key.get((id(inode.backend), new_path))
+        displaced = self._by_key.get((id(inode.view), new_path))
         if displaced is not None and displaced is not inode:
             # The kernel still holds the replaced file's inode; it must not be
             # found under the name any more, but stays valid until forgotten.
             self._detach(displaced)
         n = len(old_path)
-        backend_id = id(inode.backend)
+        view_id = id(inode.view)
         moving = [
             i
             for (bid, p), i in self._by_key.items()
-            if bid == backend_id and p[:n] == old_path
+            if bid == view_id and p[:n] == old_path
         ]
         for i in moving:
             del self._by_key[i.key]

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import pyfuse3
 import trio
 
-from kvpfs.fs.backend import Backend, Path
 from kvpfs.fs.inodes import Inode, InodeTable
+from kvpfs.fs.view import Path, View
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ _Item = tuple[int, bytes | None]
 
 
 class Invalidator:
-    """The mount's :class:`kvpfs.fs.backend.ChangeSink`."""
+    """The mount's :class:`kvpfs.fs.view.ChangeSink`."""
 
     def __init__(self, inodes: InodeTable) -> None:
         self._inodes = inodes
@@ -36,7 +36,7 @@ class Invalidator:
         self.batches = 0
         self._idle = trio.Event()
 
-    # what the operations and backends report
+    # what the operations and views report
 
     def inode(self, inode: Inode) -> None:
         if inode.lookups > 0 or inode.open_count > 0:
@@ -46,15 +46,15 @@ class Invalidator:
         if parent.lookups > 0:
             self._push((parent.ino, os.fsencode(name)))
 
-    def value_changed(self, backend: Backend, path: Path) -> None:
-        inode = self._inodes.find(backend, path)
+    def value_changed(self, view: View, path: Path) -> None:
+        inode = self._inodes.find(view, path)
         if inode is not None:
             self.inode(inode)
 
-    def entries_changed(self, backend: Backend, directory: Path, names: Sequence[str]) -> None:
-        parent = self._inodes.find(backend, directory)
+    def entries_changed(self, view: View, directory: Path, names: Sequence[str]) -> None:
+        parent = self._inodes.find(view, directory)
         for name in names:
-            child = self._inodes.find(backend, (*directory, name))
+            child = self._inodes.find(view, (*directory, name))
             if child is not None:
                 self.inode(child)
             if parent is not None:

@@ -1,4 +1,4 @@
-"""Mount lifecycle: backends up, kernel mount, serve, commit, unmount.
+"""Mount lifecycle: views up, kernel mount, serve, commit, unmount.
 
 Two-stage shutdown: the first SIGINT/SIGTERM (or ``fusermount3 -u``) ends the
 request loop gracefully, commits what open files still hold and unmounts; a
@@ -56,11 +56,11 @@ class Session:
         """Ask the request loop to end (graceful: pending data is committed)."""
         # pyfuse3.terminate() on a finished session dereferences a NULL session.
         if not self._loop_finished:
-            for backend in self.ops.backends.values():
+            for view in self.ops.views.values():
                 try:
-                    backend.terminating()
+                    view.terminating()
                 except Exception:
-                    log.exception("backend %s failed to prepare for unmount", backend.name)
+                    log.exception("view %s failed to prepare for unmount", view.name)
             pyfuse3.terminate()
 
     def cancel(self) -> None:
@@ -90,9 +90,9 @@ async def serve(
     try:
         with scope:
             async with trio.open_nursery() as nursery:
-                # Backends first, so that the mount answers from the moment it exists.
-                for backend in ops.backends.values():
-                    await nursery.start(backend.run, ops.invalidator)
+                # Views first, so that the mount answers from the moment it exists.
+                for view in ops.views.values():
+                    await nursery.start(view.run, ops.invalidator)
                 await nursery.start(ops.invalidator.run)
                 pyfuse3.init(ops, mountpoint, set(options))
                 try:
@@ -108,11 +108,11 @@ async def serve(
                     nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            for backend in ops.backends.values():
+            for view in ops.views.values():
                 try:
-                    await backend.aclose()
+                    await view.aclose()
                 except Exception:
-                    log.exception("closing backend %s failed", backend.name)
+                    log.exception("closing view %s failed", view.name)
         session.done.set()
 
 

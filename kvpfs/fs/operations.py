@@ -1,7 +1,7 @@
-"""The pyfuse3 Operations: one filesystem whose root holds one directory per backend.
+"""The pyfuse3 Operations: one filesystem whose root holds one directory per view.
 
 Write path (see README, "Editing semantics"): every open file buffers the whole
-file; the buffer is committed to the backend on flush (only if written since the
+file; the buffer is committed to the view on flush (only if written since the
 last commit), on fsync, and on release (a create, O_TRUNC open or truncate with
 no write after it).  Errors surface from flush and fsync so close() and editors
 see them; release happens after close() returned and can only log.
@@ -25,11 +25,11 @@ import trio
 
 from kvpfs.errors import FsError
 from kvpfs.fs import text
-from kvpfs.fs.backend import Backend, Node, NodeKind, Path, Stream
 from kvpfs.fs.inodes import Inode, InodeTable
 from kvpfs.fs.invalidate import Invalidator
 from kvpfs.fs.overlay import Overlay, ScratchFile
-from kvpfs.fs.scratch import is_scratch_name
+from kvpfs.fs.view import Node, NodeKind, Path, Stream, View
+from kvpfs.scratch import is_scratch_name
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ class FsOptions:
     #: Seconds the kernel may cache attributes and names of files; changes made by
     #: others are pushed as invalidations, so this only bounds a missed push.
     attr_timeout: float = 1.0
-    #: Upper bound for any single backend call; a store that hangs becomes EIO.
-    backend_timeout: float = 30.0
+    #: Upper bound for any single view call; a store that hangs becomes EIO.
+    store_timeout: float = 30.0
 
 
 @dataclass(slots=True, eq=False)
@@ -107,7 +107,7 @@ def fuse_op(
     return wrapper
 
 
-#: The root and each backend's own directory.
+#: The root and each view's own directory.
 _TOP_DIR = Node(NodeKind.DIR, writable=False)
 
 
@@ -116,18 +116,18 @@ def _name(raw: bytes) -> str:
 
 
 class Operations(pyfuse3.Operations):
-    """Dispatches FUSE requests to backends; owns inodes, handles and the overlay."""
+    """Dispatches FUSE requests to views; owns inodes, handles and the overlay."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, backends: Sequence[Backend], options: FsOptions | None = None) -> None:
+    def __init__(self, views: Sequence[View], options: FsOptions | None = None) -> None:
         super().__init__()
-        names = [b.name for b in backends]
+        names = [b.name for b in views]
         if len(set(names)) != len(names):
-            raise ValueError(f"backend names must be unique: {names}")
-        self.backends = {b.name: b for b in backends}
+            raise ValueError(f"view names must be unique: {names}")
+        self.views = {b.name: b for b in views}
         self.options = options or FsOptions()
         self.inodes = InodeTable()
         self.overlay = Overlay()
@@ -136,7 +136,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
         self._started_ns = time.time_ns()
-        self._xattrs = any(b.has_xattrs for b in backends)
+        self._xattrs = any(b.has_xattrs for b in views)
 
     # ---------------------------------------------------------------- helpers
 
@@ -146,11 +146,11 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.ENOENT)
         return inode
 
-    async def _call(self, callee: Backend | Stream, coro: Awaitable[R]) -> R:
+    async def _call(self, callee: View | Stream, coro: Awaitable[R]) -> R:
         if callee.bounds_own_calls:
             # A cancel scope costs as much as the rest of a cached lookup.
             return await coro
-        with trio.fail_after(self.options.backend_timeout):
+        with trio.fail_after(self.options.store_timeout):
             return await coro
 
     def _pending_handle(self, inode: Inode) -> OpenFile | None:
@@ -159,19 +159,19 @@ class Operations(pyfuse3.Operations):
 
     async def _node(self, inode: Inode) -> Node:
         """The current node behind ``inode``, honouring the overlay."""
-        if inode.backend is None or inode.path == ():
+        if inode.view is None or inode.path == ():
             return _TOP_DIR
-        backend, path = inode.backend, inode.path
-        scratch = self.overlay.get(backend, path)
+        view, path = inode.view, inode.path
+        scratch = self.overlay.get(view, path)
         if scratch is not None:
             return Node(NodeKind.FILE, len(scratch.data), True, scratch.mtime_ns, volatile=False)
         pending = self._pending_handle(inode)
         if pending is not None:
             size = len(text.file_to_value(bytes(pending.buffer), self.options.raw))
             return Node(NodeKind.FILE, size, True)
-        if self.overlay.is_hidden(backend, path):
+        if self.overlay.is_hidden(view, path):
             raise FsError(errno.ENOENT)
-        return await self._call(backend, backend.lookup(path))
+        return await self._call(view, view.lookup(path))
 
     def _attrs(self, inode: Inode, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -180,7 +180,7 @@ class Operations(pyfuse3.Operations):
         timeout = self.options.attr_timeout
         a.entry_timeout = timeout
         a.attr_timeout = timeout
-        scratch = inode.backend is not None and self.overlay.get(inode.backend, inode.path)
+        scratch = inode.view is not None and self.overlay.get(inode.view, inode.path)
         w = 0o200 if node.writable else 0
         if node.kind is NodeKind.DIR:
             mode = stat.S_IFDIR | (0o555 if node.readable else 0o111) | w
@@ -213,36 +213,36 @@ class Operations(pyfuse3.Operations):
         a.st_atime_ns = inode.atime_ns or mtime
         return a
 
-    def _child_path(self, parent: Inode, name: str) -> tuple[Backend, Path]:
-        if parent.backend is None:
+    def _child_path(self, parent: Inode, name: str) -> tuple[View, Path]:
+        if parent.view is None:
             raise FsError(errno.EPERM)
         if len(os.fsencode(name)) > FUSE_NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        return parent.backend, (*parent.path, name)
+        return parent.view, (*parent.path, name)
 
-    def _lookup_backend_dir(self, name: str) -> Inode:
-        backend = self.backends.get(name)
-        if backend is None:
+    def _lookup_view_dir(self, name: str) -> Inode:
+        view = self.views.get(name)
+        if view is None:
             raise FsError(errno.ENOENT)
-        return self.inodes.ensure(backend, ())
+        return self.inodes.ensure(view, ())
 
-    async def _exists(self, backend: Backend, path: Path) -> bool:
-        inode = self.inodes.find(backend, path)
+    async def _exists(self, view: View, path: Path) -> bool:
+        inode = self.inodes.find(view, path)
         if inode is not None and self._pending_handle(inode) is not None:
             return True
-        if self.overlay.get(backend, path) is not None:
+        if self.overlay.get(view, path) is not None:
             return True
-        if self.overlay.is_hidden(backend, path):
+        if self.overlay.is_hidden(view, path):
             return False
         try:
-            await self._call(backend, backend.lookup(path))
+            await self._call(view, view.lookup(path))
         except FsError as exc:
             if exc.errno == errno.ENOENT:
                 return False
             raise
         return True
 
-    def _is_scratch(self, backend: Backend, path: Path) -> bool:
+    def _is_scratch(self, view: View, path: Path) -> bool:
         return is_scratch_name(path[-1])
 
     # ---------------------------------------------------------------- lookup / attributes
@@ -253,11 +253,11 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
         sname = _name(name)
-        if parent.backend is None:
-            inode = self._lookup_backend_dir(sname)
+        if parent.view is None:
+            inode = self._lookup_view_dir(sname)
         else:
-            backend, path = self._child_path(parent, sname)
-            inode = self.inodes.find(backend, path) or self.inodes.ensure(backend, path)
+            view, path = self._child_path(parent, sname)
+            inode = self.inodes.find(view, path) or self.inodes.ensure(view, path)
         return await self._hand_out(inode)
 
     async def _hand_out(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -318,10 +318,10 @@ class Operations(pyfuse3.Operations):
             self._resize(handle, size)
             handle.written = handle.pending = True
             return
-        assert ino.backend is not None
+        assert ino.view is not None
         if not node.writable:
-            raise FsError(ino.backend.unwritable_errno)
-        scratch = self.overlay.get(ino.backend, ino.path)
+            raise FsError(ino.view.unwritable_errno)
+        scratch = self.overlay.get(ino.view, ino.path)
         if scratch is not None:
             del scratch.data[size:]
             scratch.data.extend(b"\0" * (size - len(scratch.data)))
@@ -377,36 +377,36 @@ class Operations(pyfuse3.Operations):
         return fh
 
     async def _list(self, ino: Inode) -> list[tuple[str, Inode, Node | None]]:
-        if ino.backend is None:
+        if ino.view is None:
             return [
                 (name, self.inodes.ensure(b, ()), Node(NodeKind.DIR))
-                for name, b in self.backends.items()
+                for name, b in self.views.items()
             ]
-        backend, path = ino.backend, ino.path
-        listed = await self._call(backend, backend.listdir(path))
+        view, path = ino.view, ino.path
+        listed = await self._call(view, view.listdir(path))
         entries: list[tuple[str, Inode, Node | None]] = []
         seen: set[str] = set()
         for name, node in listed:
             child = (*path, name)
-            if self.overlay.is_hidden(backend, child):
+            if self.overlay.is_hidden(view, child):
                 continue
             if len(os.fsencode(name)) > FUSE_NAME_MAX:
                 # The kernel rejects such an entry and with it the whole listing.
-                log.warning("%s: name longer than %d bytes not listed", backend.name, FUSE_NAME_MAX)
+                log.warning("%s: name longer than %d bytes not listed", view.name, FUSE_NAME_MAX)
                 continue
             seen.add(name)
-            entries.append((name, self.inodes.ensure(backend, child), node))
-        for name, scratch in self.overlay.names_in(backend, path):
+            entries.append((name, self.inodes.ensure(view, child), node))
+        for name, scratch in self.overlay.names_in(view, path):
             if name not in seen:
                 seen.add(name)
                 node = Node(NodeKind.FILE, len(scratch.data), True, scratch.mtime_ns)
-                entries.append((name, self.inodes.ensure(backend, (*path, name)), node))
+                entries.append((name, self.inodes.ensure(view, (*path, name)), node))
         for handle in self._files.values():
             h = handle.inode
             if (
                 handle.created
                 and not handle.unlinked
-                and h.backend is backend
+                and h.view is view
                 and h.path[:-1] == path
                 and h.path[-1] not in seen
             ):
@@ -427,10 +427,10 @@ class Operations(pyfuse3.Operations):
             name, inode, node = d.entries[index]
             if node is None:
                 node = await self._node(inode)
-            if self.inodes.get(inode.ino) is not inode and inode.backend is not None:
+            if self.inodes.get(inode.ino) is not inode and inode.view is not None:
                 # Forgotten by the kernel since the snapshot (a FORGET between two
                 # READDIRPLUS calls): hand out a registered inode, never a dropped one.
-                inode = self.inodes.ensure(inode.backend, inode.path)
+                inode = self.inodes.ensure(inode.view, inode.path)
                 d.entries[index] = (name, inode, node)
             attrs = self._attrs(inode, node)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
@@ -456,17 +456,17 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
-        backend, path = self._child_path(parent, _name(name))
-        await self._call(backend, backend.mkdir(path))
-        attrs = await self._hand_out(self.inodes.ensure(backend, path))
+        view, path = self._child_path(parent, _name(name))
+        await self._call(view, view.mkdir(path))
+        attrs = await self._hand_out(self.inodes.ensure(view, path))
         self.invalidator.entry(parent, path[-1])
         return attrs
 
     @fuse_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
-        backend, path = self._child_path(parent, _name(name))
-        await self._call(backend, backend.rmdir(path))
+        view, path = self._child_path(parent, _name(name))
+        await self._call(view, view.rmdir(path))
 
     # ---------------------------------------------------------------- files
 
@@ -476,16 +476,16 @@ class Operations(pyfuse3.Operations):
         return fh
 
     async def _read_file(self, ino: Inode) -> bytes:
-        assert ino.backend is not None
-        scratch = self.overlay.get(ino.backend, ino.path)
+        assert ino.view is not None
+        scratch = self.overlay.get(ino.view, ino.path)
         if scratch is not None:
             return bytes(scratch.data)
         pending = self._pending_handle(ino)
         if pending is not None:
             return bytes(pending.buffer)
-        if self.overlay.is_hidden(ino.backend, ino.path):
+        if self.overlay.is_hidden(ino.view, ino.path):
             raise FsError(errno.ENOENT)
-        value = await self._call(ino.backend, ino.backend.read(ino.path))
+        value = await self._call(ino.view, ino.view.read(ino.path))
         return text.value_to_file(value, self.options.raw)
 
     def _open_handle(
@@ -510,19 +510,19 @@ class Operations(pyfuse3.Operations):
         node = await self._node(ino)
         if node.kind is NodeKind.DIR:
             raise FsError(errno.EISDIR)
-        assert ino.backend is not None
+        assert ino.view is not None
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
         if writable and not node.writable:
-            raise FsError(ino.backend.unwritable_errno)
+            raise FsError(ino.view.unwritable_errno)
         if node.kind is NodeKind.STREAM:
-            stream = await self._call(ino.backend, ino.backend.open_stream(ino.path, flags))
+            stream = await self._call(ino.view, ino.view.open_stream(ino.path, flags))
             handle = self._open_handle(ino, flags, b"", None)
             handle.stream = stream
             # Unbuffered, at the caller's sizes, no offsets: a character device.
             return pyfuse3.FileInfo(
                 fh=handle.fh, direct_io=True, keep_cache=False, nonseekable=True
             )
-        scratch = self.overlay.get(ino.backend, ino.path)
+        scratch = self.overlay.get(ino.view, ino.path)
         # libfuse negotiates atomic_o_trunc: the truncation arrives here, not as setattr.
         truncate = bool(flags & os.O_TRUNC) and writable
         content = b"" if truncate else await self._read_file(ino)
@@ -542,14 +542,14 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._inode(parent_inode)
-        backend, path = self._child_path(parent, _name(name))
+        view, path = self._child_path(parent, _name(name))
         scratch: ScratchFile | None = None
-        if self._is_scratch(backend, path) and not await self._exists(backend, path):
+        if self._is_scratch(view, path) and not await self._exists(view, path):
             scratch = ScratchFile()
-            self.overlay.put(backend, path, scratch)
+            self.overlay.put(view, path, scratch)
         else:
-            await self._call(backend, backend.check_new_name(path))
-        inode = self.inodes.ensure(backend, path)
+            await self._call(view, view.check_new_name(path))
+        inode = self.inodes.ensure(view, path)
         inode.mode = stat.S_IMODE(mode) & ~ctx.umask
         inode.uid, inode.gid = ctx.uid, ctx.gid
         flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
@@ -594,8 +594,8 @@ class Operations(pyfuse3.Operations):
             handle.written = handle.pending = False
             return
         ino = handle.inode
-        assert ino.backend is not None
-        scratch = self.overlay.get(ino.backend, ino.path)
+        assert ino.view is not None
+        scratch = self.overlay.get(ino.view, ino.path)
         try:
             if scratch is not None:
                 scratch.data[:] = handle.buffer
@@ -615,10 +615,10 @@ class Operations(pyfuse3.Operations):
                     other.created = False
 
     async def _store(self, ino: Inode, content: bytes) -> None:
-        assert ino.backend is not None
+        assert ino.view is not None
         value = text.file_to_value(content, self.options.raw)
-        await self._call(ino.backend, ino.backend.write(ino.path, value))
-        self.overlay.unhide(ino.backend, ino.path)
+        await self._call(ino.view, ino.view.write(ino.path, value))
+        self.overlay.unhide(ino.view, ino.path)
         # No invalidation of our own inode: the kernel updated its attributes from
         # the write itself, and a round trip through the notify thread per commit
         # cost almost half of a set.
@@ -661,9 +661,9 @@ class Operations(pyfuse3.Operations):
             self.inodes.drop_if_unused(ino)
 
     def _forget_name(self, ino: Inode) -> None:
-        if ino.backend is None or not ino.path:
+        if ino.view is None or not ino.path:
             return
-        parent = self.inodes.find(ino.backend, ino.path[:-1])
+        parent = self.inodes.find(ino.view, ino.path[:-1])
         if parent is not None:
             self.invalidator.entry(parent, ino.path[-1])
         self.invalidator.inode(ino)
@@ -695,16 +695,16 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._inode(parent_inode)
-        backend, path = self._child_path(parent, _name(name))
-        scratch = self.overlay.get(backend, path)
+        view, path = self._child_path(parent, _name(name))
+        scratch = self.overlay.get(view, path)
         if scratch is not None:
-            origin = self.overlay.release_origin(backend, scratch)
+            origin = self.overlay.release_origin(view, scratch)
             if origin is not None:
                 # The editor gave up the moved-away copy without writing a new key.
-                await self._call(backend, backend.remove(origin))
-            self.overlay.pop(backend, path)
+                await self._call(view, view.remove(origin))
+            self.overlay.pop(view, path)
             return
-        inode = self.inodes.find(backend, path)
+        inode = self.inodes.find(view, path)
         pending = self._pending_handle(inode) if inode is not None else None
         if pending is not None:
             for handle in self._files.values():
@@ -713,9 +713,9 @@ class Operations(pyfuse3.Operations):
             assert inode is not None
             inode.pending = None
             return
-        if self.overlay.is_hidden(backend, path):
+        if self.overlay.is_hidden(view, path):
             raise FsError(errno.ENOENT)
-        await self._call(backend, backend.remove(path))
+        await self._call(view, view.remove(path))
 
     @fuse_op
     async def rename(
@@ -732,65 +732,65 @@ class Operations(pyfuse3.Operations):
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
         old_parent = self._inode(parent_inode_old)
         new_parent = self._inode(parent_inode_new)
-        if old_parent.backend is None or new_parent.backend is None:
+        if old_parent.view is None or new_parent.view is None:
             raise FsError(errno.EPERM)
-        if old_parent.backend is not new_parent.backend:
+        if old_parent.view is not new_parent.view:
             raise FsError(errno.EXDEV)
-        backend, old = self._child_path(old_parent, _name(name_old))
+        view, old = self._child_path(old_parent, _name(name_old))
         _, new = self._child_path(new_parent, _name(name_new))
         if old == new:
             return
-        old_inode = self.inodes.find(backend, old)
+        old_inode = self.inodes.find(view, old)
         pending = self._pending_handle(old_inode) if old_inode is not None else None
         if pending is not None:
             await self._commit(pending)
 
-        old_scratch = self.overlay.get(backend, old)
-        new_is_scratch = self.overlay.get(backend, new) is not None or (
-            self._is_scratch(backend, new) and not await self._exists(backend, new)
+        old_scratch = self.overlay.get(view, old)
+        new_is_scratch = self.overlay.get(view, new) is not None or (
+            self._is_scratch(view, new) and not await self._exists(view, new)
         )
-        if noreplace and await self._exists(backend, new):
+        if noreplace and await self._exists(view, new):
             raise FsError(errno.EEXIST)
 
         if old_scratch is not None and new_is_scratch:
-            self.overlay.pop(backend, old)
-            replaced = self.overlay.pop(backend, new)
+            self.overlay.pop(view, old)
+            replaced = self.overlay.pop(view, new)
             if replaced is not None:
-                origin = self.overlay.release_origin(backend, replaced)
+                origin = self.overlay.release_origin(view, replaced)
                 if origin is not None:
-                    await self._call(backend, backend.remove(origin))
-            self.overlay.put(backend, new, old_scratch)
+                    await self._call(view, view.remove(origin))
+            self.overlay.put(view, new, old_scratch)
         elif old_scratch is not None:
             # sed -i, os.replace, vim's k~ -> k: an atomic put of the scratch content.
             value = text.file_to_value(bytes(old_scratch.data), self.options.raw)
-            await self._call(backend, backend.write(new, value))
-            self.overlay.unhide(backend, new)
-            self.overlay.pop(backend, old)
-            origin = self.overlay.release_origin(backend, old_scratch)
+            await self._call(view, view.write(new, value))
+            self.overlay.unhide(view, new)
+            self.overlay.pop(view, old)
+            origin = self.overlay.release_origin(view, old_scratch)
             if origin is not None and origin != new:
-                await self._call(backend, backend.remove(origin))
+                await self._call(view, view.remove(origin))
         elif new_is_scratch:
             # vim's save renames k -> k~ before writing k anew: keep the key in the
             # store (hidden here) so that the pool never loses it.
-            if self.overlay.is_hidden(backend, old):
+            if self.overlay.is_hidden(view, old):
                 raise FsError(errno.ENOENT)
-            content = await self._read_file(old_inode or self.inodes.ensure(backend, old))
-            replaced = self.overlay.pop(backend, new)
+            content = await self._read_file(old_inode or self.inodes.ensure(view, old))
+            replaced = self.overlay.pop(view, new)
             if replaced is not None:
-                origin = self.overlay.release_origin(backend, replaced)
+                origin = self.overlay.release_origin(view, replaced)
                 if origin is not None:
-                    await self._call(backend, backend.remove(origin))
-            self.overlay.put(backend, new, ScratchFile(bytearray(content), origin=old))
-            self.overlay.hide(backend, old)
+                    await self._call(view, view.remove(origin))
+            self.overlay.put(view, new, ScratchFile(bytearray(content), origin=old))
+            self.overlay.hide(view, old)
         else:
-            if self.overlay.is_hidden(backend, old):
+            if self.overlay.is_hidden(view, old):
                 raise FsError(errno.ENOENT)
-            await self._call(backend, backend.rename(old, new, replace=not noreplace))
-            self.overlay.unhide(backend, new)
+            await self._call(view, view.rename(old, new, replace=not noreplace))
+            self.overlay.unhide(view, new)
 
         if old_inode is not None:
             self.inodes.move(old_inode, new)
-        elif (inode := self.inodes.find(backend, new)) is not None:
+        elif (inode := self.inodes.find(view, new)) is not None:
             # Nothing known under the old name: the inode of the replaced file is stale.
             self.invalidator.inode(inode)
 
@@ -816,28 +816,28 @@ class Operations(pyfuse3.Operations):
 
     # ---------------------------------------------------------------- xattrs
 
-    def _xattr_backend(self, inode: int) -> tuple[Backend, Path] | None:
+    def _xattr_view(self, inode: int) -> tuple[View, Path] | None:
         if not self._xattrs:
             # ENOSYS makes the kernel stop asking for the rest of the mount's life,
             # which saves a getxattr("security.capability") before every write.
             raise FsError(errno.ENOSYS)
         ino = self._inode(inode)
-        if ino.backend is None or not ino.backend.has_xattrs:
+        if ino.view is None or not ino.view.has_xattrs:
             return None
-        if self.overlay.get(ino.backend, ino.path) is not None:
+        if self.overlay.get(ino.view, ino.path) is not None:
             return None
-        return ino.backend, ino.path
+        return ino.view, ino.path
 
     @fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        target = self._xattr_backend(inode)
+        target = self._xattr_view(inode)
         if target is None:
             raise FsError(errno.ENODATA)
         return await self._call(target[0], target[0].getxattr(target[1], _name(name)))
 
     @fuse_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        target = self._xattr_backend(inode)
+        target = self._xattr_view(inode)
         if target is None:
             return []
         return [os.fsencode(n) for n in await self._call(target[0], target[0].listxattr(target[1]))]
@@ -846,7 +846,7 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        target = self._xattr_backend(inode)
+        target = self._xattr_view(inode)
         if target is None:
             raise FsError(errno.ENOTSUP)
         await self._call(target[0], target[0].setxattr(target[1], _name(name), value))
@@ -854,6 +854,6 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._xattr_backend(inode)
+        self._xattr_view(inode)
         raise FsError(errno.ENOTSUP)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kvpfs.fs.backend import Backend, Path
+from kvpfs.fs.view import Path, View
 
 
 @dataclass(slots=True, eq=False)
@@ -32,20 +32,20 @@ class Overlay:
 
     # scratch files
 
-    def get(self, backend: Backend, path: Path) -> ScratchFile | None:
+    def get(self, view: View, path: Path) -> ScratchFile | None:
         if not self._files:  # the common case, on every request
             return None
-        return self._files.get((id(backend), path))
+        return self._files.get((id(view), path))
 
-    def put(self, backend: Backend, path: Path, scratch: ScratchFile) -> None:
-        self._files[(id(backend), path)] = scratch
+    def put(self, view: View, path: Path, scratch: ScratchFile) -> None:
+        self._files[(id(view), path)] = scratch
 
-    def pop(self, backend: Backend, path: Path) -> ScratchFile | None:
-        return self._files.pop((id(backend), path), None)
+    def pop(self, view: View, path: Path) -> ScratchFile | None:
+        return self._files.pop((id(view), path), None)
 
-    def names_in(self, backend: Backend, directory: Path) -> list[tuple[str, ScratchFile]]:
+    def names_in(self, view: View, directory: Path) -> list[tuple[str, ScratchFile]]:
         n = len(directory)
-        bid = id(backend)
+        bid = id(view)
         return [
             (p[n], f)
             for (b, p), f in self._files.items()
@@ -54,28 +54,28 @@ class Overlay:
 
     # keys hidden while an editor has moved them onto a scratch name
 
-    def hide(self, backend: Backend, path: Path) -> None:
-        key = (id(backend), path)
+    def hide(self, view: View, path: Path) -> None:
+        key = (id(view), path)
         self._hidden[key] = self._hidden.get(key, 0) + 1
 
-    def is_hidden(self, backend: Backend, path: Path) -> bool:
-        return bool(self._hidden) and (id(backend), path) in self._hidden
+    def is_hidden(self, view: View, path: Path) -> bool:
+        return bool(self._hidden) and (id(view), path) in self._hidden
 
-    def unhide(self, backend: Backend, path: Path) -> None:
+    def unhide(self, view: View, path: Path) -> None:
         """A new value for ``path`` was committed: the moved-away copy no longer owns it."""
-        if self._hidden.pop((id(backend), path), None) is None:
+        if self._hidden.pop((id(view), path), None) is None:
             return
-        bid = id(backend)
+        bid = id(view)
         for (b, _), f in self._files.items():
             if b == bid and f.origin == path:
                 f.origin = None
 
-    def release_origin(self, backend: Backend, scratch: ScratchFile) -> Path | None:
+    def release_origin(self, view: View, scratch: ScratchFile) -> Path | None:
         """Detach ``scratch`` from the key it came from; returns that key if still hidden."""
         origin, scratch.origin = scratch.origin, None
         if origin is None:
             return None
-        key = (id(backend), origin)
+        key = (id(view), origin)
         count = self._hidden.get(key, 0)
         if count <= 1:
             self._hidden.pop(key, None)

@@ -12,7 +12,7 @@ are written as ``%`` followed by two **lowercase** hex digits:
 4. a leading ``.`` (``%2e``), so no key is hidden, and ``.`` and ``..`` are
    ordinary keys (``%2e`` and ``%2e.``);
 5. one character of a name that would otherwise look like an editor or tool
-   scratch file (:func:`kvpfs.fs.scratch.is_scratch_name`), which the mount keeps
+   scratch file (:func:`kvpfs.scratch.is_scratch_name`), which the mount keeps
    in memory and never stores: a trailing ``~`` (``%7e``), the dot of a ``.tmp``
    suffix (``x%2etmp``), the leading ``#`` of ``#x#`` (``%23x#``), and the first
    character of ``sedXXXXXX`` and of vim's probe numbers (``%73ed1a2b3c``,
@@ -45,8 +45,8 @@ import binascii
 import os
 import re
 
-from kvpfs.fs.scratch import is_scratch_name
 from kvpfs.kvp.records import MAX_KEY_BYTES
+from kvpfs.scratch import is_scratch_name
 
 #: The filename of the empty key.
 EMPTY_KEY_NAME = "%00"

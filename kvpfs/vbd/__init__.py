@@ -4,6 +4,6 @@ and detach.
 Pure modules: ``vdev`` (device names and numbers), ``diskspec`` (the xl disk
 specification), ``layout`` (the nodes libxl 4.17 writes), ``states`` (XenbusState).
 trio modules: ``toolstack`` (attach/detach over a XenStore client), ``hotplug``
-(running the block hotplug script), ``simulated`` (NetBSD-style xbdback and the
-guests' blkfront for a host without Xen) and ``backend`` (the mount's ``vbd/``).
+(running the block hotplug script).  ``view`` is the mount's ``vbd/``.  The
+drivers that answer an attach without Xen are peers: :mod:`kvpfs.peers.xendrivers`.
 """

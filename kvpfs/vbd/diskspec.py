@@ -64,7 +64,7 @@ class DiskSpec:
     format: str = "raw"
     readwrite: bool = True
     devtype: str = "disk"
-    #: Backend domain as written (a name or a number); None is domain 0.
+    #: View domain as written (a name or a number); None is domain 0.
     backend: str | None = None
     backendtype: str | None = None
     script: str | None = None

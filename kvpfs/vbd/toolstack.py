@@ -76,7 +76,7 @@ class VbdError(Exception):
         self.reason = reason
         #: The device, when the failure happened after its nodes were written.
         self.paths = paths
-        #: Backend nodes as they were just before the clean-up.
+        #: View nodes as they were just before the clean-up.
         self.snapshot = snapshot or {}
 
 
@@ -96,7 +96,7 @@ class _BackendView:
     nodes: dict[str, bytes] = field(default_factory=dict)
 
 
-#: Backend nodes kept for the view when an attach fails.
+#: View nodes kept for the view when an attach fails.
 SNAPSHOT_KEYS = ("state", "params", "mode", "dev", "hotplug-status", "hotplug-error")
 
 

@@ -49,7 +49,7 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -1076,3 +1076,21 @@ class Transaction(_Ops):
             await self.request(Op.TRANSACTION_END, build_transaction_end(False))
         finally:
             self.ended = True
+
+
+async def read_many(client: XenStoreClient, paths: Sequence[str]) -> dict[str, bytes | None]:
+    """Read ``paths``; a missing node is None.
+
+    So is a node the connection may not read: a guest asking for a node below a
+    removed directory of dom0's gets EACCES, not ENOENT, and for a driver both
+    mean the peer is gone.
+    """
+    out: dict[str, bytes | None] = {}
+    for path in paths:
+        try:
+            out[path] = await client.read(path)
+        except XenStoreError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EACCES):
+                raise
+            out[path] = None
+    return out

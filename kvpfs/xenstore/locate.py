@@ -22,6 +22,17 @@ from collections.abc import Mapping
 
 import trio
 
+from kvpfs.xenstore.protocol import (
+    EMBEDDED_PROBE,
+    EMBEDDED_PROBE_REPLY,
+    Decoder,
+    Message,
+    Op,
+    ProtocolError,
+    encode_args,
+    encode_message,
+)
+
 DEFAULT_RUNDIR = "/var/run/xenstored"
 XENBUS_DEVICE = "/dev/xen/xenbus"
 XENBUS_PROC = "/proc/xen/xenbus"
@@ -112,3 +123,65 @@ async def open_default(env: Mapping[str, str] | None = None) -> tuple[trio.abc.S
     raise OSError(
         first.errno or errno.ENOENT, f"cannot reach xenstored (tried {tried}): {first.strerror}"
     ) from first
+
+
+def find_xenstored(env: Mapping[str, str] | None = None) -> str | None:
+    """The path a client should use if a xenstored is reachable, else None.
+
+    The :func:`candidates` (libxenstore's order:
+    ``$XENSTORED_PATH``, the daemon socket, the xenbus device), each tried for
+    real: a socket file nobody listens on (a daemon that died) does not count.
+    """
+    for path in candidates(env):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISSOCK(st.st_mode):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(2.0)
+            try:
+                sock.connect(path)
+            except OSError:
+                continue
+            finally:
+                sock.close()
+            return path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError:
+            continue
+        os.close(fd)
+        return path
+    return None
+
+
+def is_kvpfs_embedded(path: str, timeout: float = 2.0) -> bool:
+    """Whether the xenstored answering at the socket ``path`` is a kvpfs embedded one.
+
+    Asks ``CONTROL kvpfs-embedded`` (see :data:`kvpfs.xenstore.protocol.EMBEDDED_PROBE`)
+    on a short blocking connection: this runs once, before any trio run starts.  A
+    xenbus device, a dead socket or any error counts as "not ours".
+    """
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    request = encode_message(Message(Op.CONTROL, 0x6B767066, 0, encode_args(EMBEDDED_PROBE)))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(request)
+        decoder = Decoder()
+        while (reply := decoder.next_message()) is None:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return False
+            decoder.feed(chunk)
+    except (OSError, ProtocolError):
+        return False
+    finally:
+        sock.close()
+    return reply.type == Op.CONTROL and reply.payload == EMBEDDED_PROBE_REPLY

@@ -190,6 +190,14 @@ class Message:
         return Message(Op.ERROR, self.req_id, self.tx_id, build_error(err))
 
 
+#: ``CONTROL kvpfs-embedded``: how kvpfs tells its own embedded xenstored from a real
+#: one (cxenstored answers EINVAL, as for any unknown command; ``help`` does not list
+#: it, so no other client sees a difference).  A mount must never take another
+#: kvpfs's simulation for a real host and run the host's hotplug scripts against it.
+EMBEDDED_PROBE = b"kvpfs-embedded"
+EMBEDDED_PROBE_REPLY = b"kvpfs\0"
+
+
 def encode_message(msg: Message) -> bytes:
     """Header (native byte order, as the shared ring does) and payload."""
     if len(msg.payload) > XENSTORE_PAYLOAD_MAX:

@@ -7,15 +7,15 @@ import os
 
 import pytest
 
-from tests.fs.memory_backend import MemoryBackend
+from tests.fs.memory_view import MemoryView
 from tests.mounting import in_thread, read_bytes, sh
 
 pytestmark = pytest.mark.mount
 
 
 @pytest.fixture
-def store() -> MemoryBackend:
-    b = MemoryBackend()
+def store() -> MemoryView:
+    b = MemoryView()
     b.add_dir(("d",))
     b.add_dir(("ro",), read_only=True)
     b.tree[("d",)]["k"] = b"value"
@@ -23,7 +23,7 @@ def store() -> MemoryBackend:
     return b
 
 
-async def test_ls_cat_echo(mount, store: MemoryBackend) -> None:
+async def test_ls_cat_echo(mount, store: MemoryView) -> None:
     s = await mount([store])
     m = s.mountpoint
     out = await sh(f"ls {m} {m}/mem/d")
@@ -37,7 +37,7 @@ async def test_ls_cat_echo(mount, store: MemoryBackend) -> None:
     assert [e for e in store.writes() if e[1] == ("d", "k")] == [("write", ("d", "k"), b"x")]
 
 
-async def test_read_only_dir_is_erofs(mount, store: MemoryBackend) -> None:
+async def test_read_only_dir_is_erofs(mount, store: MemoryView) -> None:
     s = await mount([store])
     path = f"{s.mountpoint}/mem/ro/fixed"
 

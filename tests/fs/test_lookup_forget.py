@@ -11,12 +11,12 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from kvpfs.fs.backend import Node, Path
 from kvpfs.fs.operations import Operations
-from tests.fs.memory_backend import MemoryBackend
+from kvpfs.fs.view import Node, Path
+from tests.fs.memory_view import MemoryView
 
 
-class GatedBackend(MemoryBackend):
+class GatedBackend(MemoryView):
     """lookup() waits for ``gate`` while it is set."""
 
     gate: trio.Event | None = None

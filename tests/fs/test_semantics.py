@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from kvpfs.fs.operations import FsOptions
-from tests.fs.memory_backend import MemoryBackend
+from tests.fs.memory_view import MemoryView
 from tests.mounting import in_thread, nano_append, read_bytes, sh, write_bytes
 
 pytestmark = pytest.mark.mount
@@ -22,8 +22,8 @@ VIM = "vim -N -u NONE -i NONE --noplugin -n"
 
 
 @pytest.fixture
-def store() -> MemoryBackend:
-    b = MemoryBackend()
+def store() -> MemoryView:
+    b = MemoryView()
     b.add_dir(("d",))
     b.add_dir(("ro",), read_only=True)
     b.tree[("d",)]["k"] = b"a-long-value"
@@ -31,7 +31,7 @@ def store() -> MemoryBackend:
     return b
 
 
-def key_writes(store: MemoryBackend, name: str) -> list[bytes | None]:
+def key_writes(store: MemoryView, name: str) -> list[bytes | None]:
     return [e[2] for e in store.writes() if e[1] == ("d", name)]
 
 
@@ -43,7 +43,7 @@ def errno_of(fn, *args) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-async def test_shorter_overwrite_truncates(mount, store: MemoryBackend) -> None:
+async def test_shorter_overwrite_truncates(mount, store: MemoryView) -> None:
     s = await mount([store])
     k = f"{s.mountpoint}/mem/d/k"
     await sh(f"echo x > {k}")
@@ -53,7 +53,7 @@ async def test_shorter_overwrite_truncates(mount, store: MemoryBackend) -> None:
     assert key_writes(store, "k") == [b"x", b"yz"]
 
 
-async def test_append_and_printf_and_empty(mount, store: MemoryBackend) -> None:
+async def test_append_and_printf_and_empty(mount, store: MemoryView) -> None:
     s = await mount([store])
     d = f"{s.mountpoint}/mem/d"
     await sh(f"echo more >> {d}/k")
@@ -67,7 +67,7 @@ async def test_append_and_printf_and_empty(mount, store: MemoryBackend) -> None:
     assert store.value(("d", "touched")) == b""
 
 
-async def test_cat_copy_preserves_value_exactly(mount, store: MemoryBackend) -> None:
+async def test_cat_copy_preserves_value_exactly(mount, store: MemoryView) -> None:
     store.tree[("d",)]["multi"] = b"line1\nline2\n\n"
     s = await mount([store])
     d = f"{s.mountpoint}/mem/d"
@@ -76,7 +76,7 @@ async def test_cat_copy_preserves_value_exactly(mount, store: MemoryBackend) -> 
         assert store.value(("d", name)) == b"line1\nline2\n\n"
 
 
-async def test_truncate_and_rm(mount, store: MemoryBackend) -> None:
+async def test_truncate_and_rm(mount, store: MemoryView) -> None:
     s = await mount([store])
     d = f"{s.mountpoint}/mem/d"
     await sh(f"truncate -s 3 {d}/k")
@@ -86,7 +86,7 @@ async def test_truncate_and_rm(mount, store: MemoryBackend) -> None:
     assert (await sh(f"ls -A {d}")).stdout == b""
 
 
-async def test_mv_rename_noreplace_and_over(mount, store: MemoryBackend) -> None:
+async def test_mv_rename_noreplace_and_over(mount, store: MemoryView) -> None:
     store.tree[("d",)]["other"] = b"o"
     s = await mount([store])
     d = f"{s.mountpoint}/mem/d"
@@ -112,7 +112,7 @@ async def test_mv_rename_noreplace_and_over(mount, store: MemoryBackend) -> None
     )
 
 
-async def test_sed_in_place_is_one_atomic_put(mount, store: MemoryBackend) -> None:
+async def test_sed_in_place_is_one_atomic_put(mount, store: MemoryView) -> None:
     s = await mount([store])
     await sh(f"sed -i 's/long/short/' {s.mountpoint}/mem/d/k")
     assert store.value(("d", "k")) == b"a-short-value"
@@ -121,7 +121,7 @@ async def test_sed_in_place_is_one_atomic_put(mount, store: MemoryBackend) -> No
 
 
 @pytest.mark.parametrize("backupcopy", ["auto", "yes", "no"])
-async def test_vim_save_modes(mount, store: MemoryBackend, backupcopy: str) -> None:
+async def test_vim_save_modes(mount, store: MemoryView, backupcopy: str) -> None:
     s = await mount([store])
     k = f"{s.mountpoint}/mem/d/k"
     # backupskip= matters: the default skips backups under /tmp, where pytest mounts.
@@ -138,7 +138,7 @@ async def test_vim_save_modes(mount, store: MemoryBackend, backupcopy: str) -> N
     assert (await sh(f"ls -A {s.mountpoint}/mem/d")).stdout == b"k\n"
 
 
-async def test_nano_save(mount, store: MemoryBackend) -> None:
+async def test_nano_save(mount, store: MemoryView) -> None:
     s = await mount([store])
     k = f"{s.mountpoint}/mem/d/k"
     await nano_append(f"{k}", " edited")
@@ -146,7 +146,7 @@ async def test_nano_save(mount, store: MemoryBackend) -> None:
     assert sorted(store.tree[("d",)]) == ["k"]
 
 
-async def test_python_replace_idiom(mount, store: MemoryBackend) -> None:
+async def test_python_replace_idiom(mount, store: MemoryView) -> None:
     s = await mount([store])
     d = f"{s.mountpoint}/mem/d"
 
@@ -160,7 +160,7 @@ async def test_python_replace_idiom(mount, store: MemoryBackend) -> None:
     assert sorted(store.tree[("d",)]) == ["k"]
 
 
-async def test_commit_error_reaches_close(mount, store: MemoryBackend) -> None:
+async def test_commit_error_reaches_close(mount, store: MemoryView) -> None:
     s = await mount([store])
     k = f"{s.mountpoint}/mem/d/k"
     store.fail_next_write = errno.ENOSPC
@@ -170,7 +170,7 @@ async def test_commit_error_reaches_close(mount, store: MemoryBackend) -> None:
     assert store.value(("d", "k")) == b"a-long-value"
 
 
-async def test_refusals(mount, store: MemoryBackend) -> None:
+async def test_refusals(mount, store: MemoryView) -> None:
     s = await mount([store])
     d = f"{s.mountpoint}/mem/d"
     assert await in_thread(errno_of, os.symlink, "k", f"{d}/link") == errno.EPERM
@@ -184,7 +184,7 @@ async def test_refusals(mount, store: MemoryBackend) -> None:
     assert store.value(("ro", "fixed")) == b"host"
 
 
-async def test_external_change_is_seen_at_once(mount, store: MemoryBackend) -> None:
+async def test_external_change_is_seen_at_once(mount, store: MemoryView) -> None:
     s = await mount([store], FsOptions(attr_timeout=60))
     k = f"{s.mountpoint}/mem/d/k"
     assert await in_thread(read_bytes, k) == b"a-long-value\n"
@@ -200,8 +200,8 @@ async def test_external_change_is_seen_at_once(mount, store: MemoryBackend) -> N
     assert await in_thread(read_bytes, f"{s.mountpoint}/mem/d/fresh") == b"f\n"
 
 
-async def test_hung_store_gives_eio_not_a_hang(mount, store: MemoryBackend) -> None:
-    s = await mount([store], FsOptions(backend_timeout=0.5))
+async def test_hung_store_gives_eio_not_a_hang(mount, store: MemoryView) -> None:
+    s = await mount([store], FsOptions(store_timeout=0.5))
     store.hang = True
     result = await sh(f"cat {s.mountpoint}/mem/d/k", check=False, timeout=10)
     assert result.returncode != 0
@@ -209,7 +209,7 @@ async def test_hung_store_gives_eio_not_a_hang(mount, store: MemoryBackend) -> N
     store.hang = False
 
 
-async def test_raw_mode(mount, store: MemoryBackend) -> None:
+async def test_raw_mode(mount, store: MemoryView) -> None:
     s = await mount([store], FsOptions(raw=True))
     k = f"{s.mountpoint}/mem/d/k"
     assert await in_thread(read_bytes, k) == b"a-long-value"

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, Node, NodeKind, Path, Stream
+from kvpfs.fs.view import Node, NodeKind, Path, Stream, View
 from tests.mounting import in_thread
 
 pytestmark = pytest.mark.mount
@@ -47,7 +47,7 @@ class QueueStream(Stream):
 
 
 @dataclass(eq=False)
-class DeviceBackend(Backend):
+class DeviceBackend(View):
     name: str = "dev"
     queue: list[bytes] = field(default_factory=list)
     written: list[bytes] = field(default_factory=list)

@@ -1,6 +1,6 @@
 """A small stand-in for hv_kvp_daemon, for tests that run without root.
 
-It talks to a :class:`kvpfs.kvp.device.KvpDevice` directly (no FUSE), on the trio
+It talks to a :class:`kvpfs.peers.hyperv.device.KvpDevice` directly (no FUSE), on the trio
 thread, with the daemon's protocol and the daemon's pool semantics on in-memory
 pools: first match wins, SET modifies in place or appends, DELETE shifts, the
 size check answers ``HV_S_CONT``, pool 2 is synthesised.  Knobs let a test hold
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.kvp import message as m
-from kvpfs.kvp.device import DeviceStream, KvpDevice
+from kvpfs.peers.hyperv import message as m
+from kvpfs.peers.hyperv.device import DeviceHandle, KvpDevice
 
 AUTO_ITEMS = [(b"FullyQualifiedDomainName", b"guest.example"), (b"OSName", b"FakeOS")]
 
@@ -33,7 +33,7 @@ class FakeDaemon:
     #: Read the next request but never answer it.
     drop_next: bool = False
     version: bytes = b""
-    stream: DeviceStream | None = None
+    stream: DeviceHandle | None = None
 
     def __post_init__(self) -> None:
         self.go.set()

@@ -17,7 +17,7 @@ import traceback
 
 import trio
 
-from kvpfs.kvp import hostsim
+from kvpfs.peers.hyperv import hostsim
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,6 @@
 """Scenarios against the real hv_kvp_daemon, run by :mod:`tests.hyperv.realenv`.
 
-Each scenario gets a running :class:`kvpfs.kvp.hostsim.Environment`: the daemon
+Each scenario gets a running :class:`kvpfs.peers.hyperv.hostsim.Environment`: the daemon
 has registered and the host has set its initial pool-3 items.  The scenario runs
 on the thread that serves the mount, so every access to the mount goes through a
 worker thread (:func:`fs`); the pool files themselves sit on a private tmpfs
@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 
 import trio
 
-from kvpfs.kvp import message as m
-from kvpfs.kvp.device import DeviceState
-from kvpfs.kvp.host import HostError, status_errno
-from kvpfs.kvp.hostsim import POOL_DIR, Environment, default_items
 from kvpfs.kvp.location import pool_path
 from kvpfs.kvp.names import key_to_name
 from kvpfs.kvp.records import Record, encode_record, parse
+from kvpfs.peers.hyperv import message as m
+from kvpfs.peers.hyperv.device import DeviceState
+from kvpfs.peers.hyperv.host import HostError, status_errno
+from kvpfs.peers.hyperv.hostsim import POOL_DIR, Environment, default_items
 from tests.mounting import in_thread
 
 T = TypeVar("T")

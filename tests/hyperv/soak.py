@@ -29,11 +29,11 @@ from collections import defaultdict
 
 import trio
 
-from kvpfs.kvp.host import HostError
-from kvpfs.kvp.hostsim import POOL_DIR, Environment, default_items
 from kvpfs.kvp.location import pool_path
 from kvpfs.kvp.names import key_to_name
 from kvpfs.kvp.records import parse
+from kvpfs.peers.hyperv.host import HostError
+from kvpfs.peers.hyperv.hostsim import POOL_DIR, Environment, default_items
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUEST_KEYS = 40

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.kvp import hostsim
+from kvpfs.peers.hyperv import hostsim
 from tests.conftest import fuse_usable
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -93,7 +93,7 @@ def run_bounded(argv: list[str], *, timeout: float, env: dict[str, str] | None =
 
 
 def hostsim_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kvpfs.kvp.hostsim", *args]
+    return [sys.executable, "-m", "kvpfs.peers.hyperv.hostsim", *args]
 
 
 def _mountinfo() -> str:

@@ -9,9 +9,9 @@ import pytest
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.kvp import message as m
-from kvpfs.kvp.device import DeviceState, KvpDevice
-from kvpfs.kvp.host import HostError, KvpHost, status_errno
+from kvpfs.peers.hyperv import message as m
+from kvpfs.peers.hyperv.device import DeviceState, KvpDevice
+from kvpfs.peers.hyperv.host import HostError, KvpHost, status_errno
 
 from .fakedaemon import FakeDaemon
 

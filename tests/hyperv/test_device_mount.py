@@ -21,12 +21,12 @@ import pytest
 import trio
 
 from kvpfs.fs.mount import Session
-from kvpfs.kvp import message as m
-from kvpfs.kvp.backend import KvpBackend
-from kvpfs.kvp.device import KvpDevice, VmbusBackend
-from kvpfs.kvp.host import KvpHost
-from kvpfs.kvp.hostview import HostBackend
 from kvpfs.kvp.location import create_pools
+from kvpfs.kvp.view import KvpView
+from kvpfs.peers.hyperv import message as m
+from kvpfs.peers.hyperv.device import KvpDevice
+from kvpfs.peers.hyperv.host import KvpHost
+from kvpfs.peers.hyperv.view import HostView, VmbusView
 from tests.mounting import in_thread
 
 from .fakedaemon import FakeDaemon
@@ -50,7 +50,7 @@ async def start(mount, tmp_path: Path) -> Rig:  # type: ignore[no-untyped-def]
     create_pools(str(pools))
     device = KvpDevice(timeout=2.0, release_grace=0.5)
     host = KvpHost(device, connect_timeout=1.0)
-    session = await mount([KvpBackend(str(pools)), HostBackend(host), VmbusBackend(device)])
+    session = await mount([KvpView(str(pools)), HostView(host), VmbusView(device)])
     return Rig(session, device, host)
 
 

@@ -1,6 +1,6 @@
 """``kvpfs hostsim -- COMMAND`` end to end: the one-line Hyper-V environment for CI.
 
-Everything runs as a real command (``python -m kvpfs.kvp.hostsim``) with real
+Everything runs as a real command (``python -m kvpfs.peers.hyperv.hostsim``) with real
 programs inside, including Debian's waagent and cloud-init, unmodified; after
 each run nothing may be visible from outside.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.kvp import hostsim
+from kvpfs.peers.hyperv import hostsim
 from tests.hyperv.support import (
     CLOUD_INIT,
     ROOT,

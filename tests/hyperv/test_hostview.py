@@ -9,11 +9,11 @@ import pytest
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import NodeKind
-from kvpfs.kvp.device import KvpDevice
-from kvpfs.kvp.host import KvpHost
-from kvpfs.kvp.hostview import HostBackend
+from kvpfs.fs.view import NodeKind
 from kvpfs.kvp.names import key_to_name
+from kvpfs.peers.hyperv.device import KvpDevice
+from kvpfs.peers.hyperv.host import KvpHost
+from kvpfs.peers.hyperv.view import HostView
 
 from .fakedaemon import FakeDaemon
 
@@ -22,7 +22,7 @@ class Rig:
     def __init__(self, nursery: trio.Nursery, *, read_only: bool = False) -> None:
         self.device = KvpDevice(timeout=0.5)
         self.host = KvpHost(self.device, connect_timeout=0.2)
-        self.view = HostBackend(self.host, read_only=read_only, cache_ttl=0.5)
+        self.view = HostView(self.host, read_only=read_only, cache_ttl=0.5)
         self.daemon = FakeDaemon(self.device)
         self.nursery = nursery
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvpfs.kvp import message as m
+from kvpfs.peers.hyperv import message as m
 
 u32 = st.integers(0, 0xFFFFFFFF)
 u8 = st.integers(0, 0xFF)

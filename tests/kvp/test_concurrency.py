@@ -1,4 +1,4 @@
-"""KvpBackend against other processes writing the same pool file at the same time.
+"""KvpView against other processes writing the same pool file at the same time.
 
 Each writer owns a key prefix and keeps a model of its keys; at the end the
 file must hold exactly the union of the models: nothing lost, nothing
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from kvpfs.kvp.backend import KvpBackend
 from kvpfs.kvp.location import create_pools
 from kvpfs.kvp.records import RECORD_SIZE, parse
+from kvpfs.kvp.view import KvpView
 
 from .helpers import HERE
 
@@ -45,7 +45,7 @@ async def peer_model(proc: subprocess.Popen[str]) -> dict[str, str]:
 
 
 async def kvpfs_writer(
-    backend: KvpBackend, task: int, model: dict[str, str], peers_done: trio.Event
+    backend: KvpView, task: int, model: dict[str, str], peers_done: trio.Event
 ) -> int:
     """Random sets, deletes, renames and checked listings until the peers are done."""
     rng = random.Random(task)
@@ -83,7 +83,7 @@ async def run_against(tmp_path: Path, peers: list[tuple[str, str, int]]) -> None
     pool_dir = tmp_path / "pools"
     create_pools(str(pool_dir))
     path = pool_dir / ".kvp_pool_1"
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     procs = [
         start_peer(path, mode, prefix, ops, seed) for seed, (mode, prefix, ops) in enumerate(peers)
     ]

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from kvpfs.kvp.backend import KvpBackend
 from kvpfs.kvp.location import create_pools
 from kvpfs.kvp.names import key_to_name
 from kvpfs.kvp.records import RECORD_SIZE, encode_record, parse, visible
+from kvpfs.kvp.view import KvpView
 
 from .helpers import HERE
 from .test_concurrency import kvpfs_writer
@@ -48,7 +48,7 @@ def pool_dir(tmp_path: Path) -> Path:
 
 
 async def test_hyperkv_reads_what_kvpfs_wrote(pool_dir: Path) -> None:
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     expected = {
         "HostName": "guest-1",
         "unicode key é": "välue ✓",
@@ -70,7 +70,7 @@ async def test_hyperkv_reads_what_kvpfs_wrote(pool_dir: Path) -> None:
 
 async def test_hyperkv_reads_fields_filled_to_the_format_limit(pool_dir: Path) -> None:
     # hyperkv drops the last byte of a field without NUL: kvpfs always leaves the NUL.
-    backend = KvpBackend(str(pool_dir), limits="format")
+    backend = KvpView(str(pool_dir), limits="format")
     await backend.write(("guest", "k" * 511), b"v" * 2047)
     assert hyperkv(pool_dir / ".kvp_pool_1") == {"k" * 511: "v" * 2047}
 
@@ -80,7 +80,7 @@ async def test_duplicates_first_for_kvpfs_last_for_hyperkv(pool_dir: Path) -> No
     # and so the host, acts on the first record.
     path = pool_dir / ".kvp_pool_1"
     path.write_bytes(encode_record(b"dup", b"first") + encode_record(b"dup", b"second"))
-    assert await KvpBackend(str(pool_dir)).read(("guest", "dup")) == b"first"
+    assert await KvpView(str(pool_dir)).read(("guest", "dup")) == b"first"
     assert hyperkv(path) == {"dup": "second"}
 
 
@@ -90,7 +90,7 @@ async def test_hyperkv_no_longer_sees_a_partial_tail_after_a_set(pool_dir: Path)
     path = pool_dir / ".kvp_pool_1"
     path.write_bytes(encode_record(b"a", b"1") + b"tailkey")
     assert hyperkv(path) == {"a": "1", "tailke": ""}
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     assert [name for name, _ in await backend.listdir(("guest",))] == ["a"]
     await backend.write(("guest", "b"), b"2")
     assert hyperkv(path) == {"a": "1", "b": "2"}
@@ -122,7 +122,7 @@ def cloud_init_events(records: dict[bytes, bytes]) -> dict[str, list[int]]:
 @pytest.mark.timeout(60)
 async def test_cloud_init_appends_while_kvpfs_writes_and_lists(pool_dir: Path) -> None:
     path = pool_dir / ".kvp_pool_1"
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     proc = cloud_init(path, count=300, pause_ms=3)
     models: list[dict[str, str]] = [{}, {}]
     done = trio.Event()
@@ -169,7 +169,7 @@ async def test_cloud_init_truncating_a_stale_pool_is_seen(pool_dir: Path) -> Non
     # cloud-init empties the guest pool once per process when its mtime is older
     # than the boot: a write by kvpfs from before the boot must be gone afterwards.
     path = pool_dir / ".kvp_pool_1"
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     await backend.write(("guest", "from-last-boot"), b"old")
     boot = time.time() - float(Path("/proc/uptime").read_text().split()[0])
     os.utime(path, (boot - 3600, boot - 3600))

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from kvpfs.fs.scratch import is_scratch_name
 from kvpfs.kvp import names
 from kvpfs.kvp.names import EMPTY_KEY_NAME, MAX_NAME_BYTES, InvalidName, key_to_name, name_to_key
+from kvpfs.scratch import is_scratch_name
 
 from .strategies import keys
 

@@ -9,8 +9,8 @@ import pytest
 
 from kvpfs.fs.mount import Session
 from kvpfs.fs.operations import FsOptions
-from kvpfs.kvp.backend import KvpBackend
 from kvpfs.kvp.location import create_pools, pool_path
+from kvpfs.kvp.view import KvpView
 
 POOLS = ("external", "guest", "auto", "auto_external", "auto_internal")
 
@@ -56,6 +56,6 @@ async def mount_kvp(
     read_only: bool = False,
     **backend_options: object,
 ) -> tuple[Session, str]:
-    backend = KvpBackend(str(pools.directory), read_only=read_only, **backend_options)  # type: ignore[arg-type]
+    backend = KvpView(str(pools.directory), read_only=read_only, **backend_options)  # type: ignore[arg-type]
     session = await mount([backend], options, read_only=read_only)
     return session, f"{session.mountpoint}/kvp"

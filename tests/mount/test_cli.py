@@ -212,7 +212,8 @@ def test_embedded_xen_beside_kvp(mnt: Path, pools: Pools, tmp_path: Path) -> Non
     """No xenstored here: the mount serves its own, announces it, and vbd/ attaches."""
     result = run(str(mnt), "--kvp-dir", str(pools.directory))
     assert result.returncode == 0, result.stderr
-    socket_path = tmp_path / "runtime/kvpfs/xenstored.sock"
+    # A socket of this mount's own, named after the process that serves it.
+    socket_path = tmp_path / f"runtime/kvpfs/xenstored-{kvpfs_pid(mnt)}.sock"
     assert result.stderr == f"kvpfs: embedded xenstored: XENSTORED_PATH={socket_path}\n"
     assert sorted(os.listdir(mnt)) == ["kvp", "vbd", "xenstore"]
     env = {**os.environ, "XENSTORED_PATH": str(socket_path)}

@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from kvpfs.compose import EMBEDDED_GUESTS
 from kvpfs.fs.mount import Session, force_unmount, fuse_options, mounted_at, serve
 from kvpfs.fs.operations import FsOptions, Operations
-from kvpfs.vbd.backend import VbdBackend
+from kvpfs.peers.xendrivers import SimulatedXen
 from kvpfs.vbd.toolstack import Toolstack
+from kvpfs.vbd.view import VbdView
 from kvpfs.xenstore.client import XenStoreClient
-from kvpfs.xenstore.fsbackend import XenStoreBackend
+from kvpfs.xenstore.view import XenStoreView
 from tests.conftest import fuse_usable
 from tests.mounting import in_thread, sh, stop_sessions
 from tests.xenstore.conftest import ServerPath
@@ -33,14 +35,14 @@ from .conftest import GUEST, axs_ls, ls_order, parse_ls
 
 pytestmark = [pytest.mark.mount, pytest.mark.realxen]
 
-Mounter = Callable[..., Awaitable[tuple[str, VbdBackend]]]
+Mounter = Callable[..., Awaitable[tuple[str, VbdView]]]
 
 
 @pytest.fixture
 async def vbd_mount(
     nursery: trio.Nursery, xs: ServerPath
 ) -> AsyncIterator[Mounter]:
-    """``await vbd_mount(**VbdBackend options)`` → (mountpoint, backend).
+    """``await vbd_mount(**VbdView options)`` → (mountpoint, backend).
 
     The mountpoint is a fresh 0755 directory under /tmp (so that another user can
     reach it with ``allow_other``); the xenstore view is mounted beside ``vbd`` so
@@ -52,13 +54,14 @@ async def vbd_mount(
     sessions: list[Session] = []
     dirs: list[str] = []
 
-    async def factory(*, allow_other: bool = False, **options: object) -> tuple[str, VbdBackend]:
+    async def factory(*, allow_other: bool = False, **options: object) -> tuple[str, VbdView]:
         mnt = tempfile.mkdtemp(prefix="kvpfs-vbd-")
         os.chmod(mnt, 0o755)
         dirs.append(mnt)
-        options.setdefault("simulate", True)
-        vbd = VbdBackend(xs, **options)  # type: ignore[arg-type]
-        ops = Operations([XenStoreBackend(xs), vbd], FsOptions())
+        if options.pop("simulate", True):
+            await start_drivers(nursery, xs, play_hotplug=not options.get("hotplug", False))
+        vbd = VbdView(xs, **options)  # type: ignore[arg-type]
+        ops = Operations([XenStoreView(xs), vbd], FsOptions())
         session: Session = await nursery.start(
             serve, ops, mnt, fuse_options(allow_other=allow_other)
         )
@@ -72,6 +75,13 @@ async def vbd_mount(
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
 
+
+
+async def start_drivers(nursery: trio.Nursery, xs: ServerPath, *, play_hotplug: bool) -> None:
+    """The simulated xbdback and blkfront, as the composition root starts them
+    beside an embedded xenstored (with guest 1 laid out)."""
+    drivers = SimulatedXen(xs, play_hotplug=play_hotplug, create_domains=EMBEDDED_GUESTS)
+    await nursery.start(drivers.run)
 
 async def cat(path: str) -> str:
     return (await sh(["cat", path])).stdout.decode()
@@ -463,7 +473,8 @@ async def test_hotplug_script_through_the_mount(
     (scripts / "block").chmod(0o755)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    vbd = VbdBackend(xs_embedded, simulate=True, hotplug=True, script_dir=str(scripts))
+    await start_drivers(nursery, xs_embedded, play_hotplug=False)
+    vbd = VbdView(xs_embedded, hotplug=True, script_dir=str(scripts))
     ops = Operations([vbd], FsOptions())
     session: Session = await nursery.start(serve, ops, str(mnt), fuse_options())
     try:

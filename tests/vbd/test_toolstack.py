@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from kvpfs.peers.xendrivers import SimulatedXen
 from kvpfs.vbd.hotplug import HotplugRunner
 from kvpfs.vbd.layout import DevicePaths, device_paths
-from kvpfs.vbd.simulated import SimulatedHost
 from kvpfs.vbd.toolstack import Toolstack, VbdError
 from kvpfs.xenstore.client import XenStoreClient, XenStoreError
 from tests.xenstore.conftest import ServerPath
@@ -31,9 +31,9 @@ async def client(xs: ServerPath) -> AsyncIterator[XenStoreClient]:
         yield c
 
 
-async def start_host(nursery: trio.Nursery, path: str, **options: object) -> tuple[SimulatedHost, trio.CancelScope]:
+async def start_host(nursery: trio.Nursery, path: str, **options: object) -> tuple[SimulatedXen, trio.CancelScope]:
     scope = trio.CancelScope()
-    host = SimulatedHost(path, **options)  # type: ignore[arg-type]
+    host = SimulatedXen(path, **options)  # type: ignore[arg-type]
 
     async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
@@ -44,7 +44,7 @@ async def start_host(nursery: trio.Nursery, path: str, **options: object) -> tup
 
 
 @pytest.fixture
-async def host(xs: ServerPath, nursery: trio.Nursery) -> SimulatedHost:
+async def host(xs: ServerPath, nursery: trio.Nursery) -> SimulatedXen:
     h, _ = await start_host(nursery, xs)
     return h
 
@@ -88,7 +88,7 @@ def test_embedded_domains_tree_is_domain_creation(
 
 
 async def test_attach_detach_round_trip(
-    xs: ServerPath, client: XenStoreClient, host: SimulatedHost, image: Path
+    xs: ServerPath, client: XenStoreClient, host: SimulatedXen, image: Path
 ) -> None:
     before = await axs_ls(xs)
     ts = Toolstack(client)
@@ -107,7 +107,7 @@ async def test_attach_detach_round_trip(
 
 
 async def test_repeated_attach_detach(
-    xs: ServerPath, client: XenStoreClient, host: SimulatedHost, image: Path
+    xs: ServerPath, client: XenStoreClient, host: SimulatedXen, image: Path
 ) -> None:
     """The same device again at once: the drivers must see a new device each time."""
     before = await axs_ls(xs)
@@ -122,7 +122,7 @@ async def test_repeated_attach_detach(
 
 
 async def test_read_only_cdrom(
-    xs: ServerPath, client: XenStoreClient, host: SimulatedHost, image: Path
+    xs: ServerPath, client: XenStoreClient, host: SimulatedXen, image: Path
 ) -> None:
     ts = Toolstack(client)
     paths = await ts.attach(GUEST, f"{image},,hdc,cdrom")
@@ -143,7 +143,7 @@ async def test_read_only_cdrom(
 async def test_refusals_leave_nothing_behind(
     xs: ServerPath,
     client: XenStoreClient,
-    host: SimulatedHost,
+    host: SimulatedXen,
     images: Callable[..., Path],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -232,7 +232,7 @@ async def test_forced_detach_without_drivers(
 
 
 async def test_concurrent_attaches(
-    xs: ServerPath, client: XenStoreClient, host: SimulatedHost, images: Callable[..., Path]
+    xs: ServerPath, client: XenStoreClient, host: SimulatedXen, images: Callable[..., Path]
 ) -> None:
     ts = Toolstack(client)
     a, b, c = (images(n) for n in ("a.img", "b.img", "c.img"))
@@ -327,11 +327,11 @@ async def test_hotplug_script(
 
 
 async def test_drivers_log_xbdback_diagnostics(
-    xs: ServerPath, client: XenStoreClient, host: SimulatedHost, image: Path,
+    xs: ServerPath, client: XenStoreClient, host: SimulatedXen, image: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     ts = Toolstack(client)
-    with caplog.at_level(logging.INFO, logger="kvpfs.vbd"):
+    with caplog.at_level(logging.INFO, logger="kvpfs"):
         paths = await ts.attach(GUEST, f"{image},,hda1")
         await wait_states(client, paths, b"4", b"4")
         await ts.detach(GUEST, paths.devid)

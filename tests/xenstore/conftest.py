@@ -19,7 +19,7 @@ Fixtures (names are stable; other suites use them):
     (introduced) on sockets whose clients speak as those unprivileged domains.
 ``xenstored_embedded_process``
     Like ``xenstored_embedded`` but the server is a separate ``python -m
-    kvpfs.xenstore.server`` process (``.pid`` set): for fd/memory accounting.
+    kvpfs.peers.xenstored.server`` process (``.pid`` set): for fd/memory accounting.
 ``xenstored``
     Parametrized over ``["embedded", "real"]``: the same test against both.
 ``xenstored_pair``
@@ -59,8 +59,8 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
+from kvpfs.peers.xenstored.server import XenstoredServer, serve_xenstored
 from kvpfs.xenstore.protocol import HEADER, Message, Op
-from kvpfs.xenstore.server import XenstoredServer, serve_xenstored
 
 XENSTORED = Path("/usr/lib/xen-4.17/bin/xenstored")
 SHIM_SOURCE = Path(__file__).with_name("fakexen.c")
@@ -305,7 +305,7 @@ def xenstored_embedded_process() -> Iterator[ServerPath]:
     sockdir = Path(tempfile.mkdtemp(prefix="exp-"))
     path = str(sockdir / "xs.sock")
     domains = {d: str(sockdir / f"dom{d}.sock") for d in GUEST_DOMIDS}
-    cmd = [sys.executable, "-m", "kvpfs.xenstore.server", path]
+    cmd = [sys.executable, "-m", "kvpfs.peers.xenstored.server", path]
     cmd += [f"{d}:{p}" for d, p in domains.items()]
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE

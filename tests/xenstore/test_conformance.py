@@ -557,7 +557,7 @@ def test_same_bytes_as_cxenstored(case: str, xenstored_pair: tuple[ServerPath, S
 # Requests that must fail (or drop the connection) the same way and change nothing.
 # ``prime``: cxenstored answers a request whose single argument is malformed with a
 # stale errno; sending READ "\0" first makes that errno EINVAL, which is what the
-# embedded server always answers (see kvpfs.xenstore.store).
+# embedded server always answers (see kvpfs.peers.xenstored.store).
 _LONG = b"x" * 2046
 BAD: dict[str, tuple[list[Step], bool]] = {
     "space-in-path": ([S(0, WR, b"/t/a b\0v")], False),

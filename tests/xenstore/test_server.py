@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from kvpfs.peers.xenstored.server import XenstoredServer, serve_xenstored
 from kvpfs.xenstore.protocol import HEADER, Op
-from kvpfs.xenstore.server import XenstoredServer, serve_xenstored
 
 from .conftest import ConnectionClosed, RawConn, ServerPath, header
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
+from kvpfs.peers.xenstored.store import Quotas, Store
 from kvpfs.xenstore.protocol import Message, Op
-from kvpfs.xenstore.store import Quotas, Store
 
 
 def z(*parts: bytes) -> bytes:

@@ -1,7 +1,7 @@
 """Mounting the ``xenstore`` view against the embedded server and cxenstored 4.17.
 
 Fixtures from ``tests/xenstore/conftest.py`` provide the servers (``xenstored`` is
-parametrized over both); ``xsmount`` mounts a :class:`XenStoreBackend` on one of
+parametrized over both); ``xsmount`` mounts a :class:`XenStoreView` on one of
 them through the kernel, counting every request the mount sends on the wire.
 """
 
@@ -21,8 +21,8 @@ import trio
 
 from kvpfs.fs.mount import Session
 from kvpfs.fs.operations import FsOptions
-from kvpfs.xenstore.fsbackend import XenStoreBackend
 from kvpfs.xenstore.protocol import Decoder, Op
+from kvpfs.xenstore.view import XenStoreView
 from tests.conftest import MountFactory
 from tests.mounting import in_thread, sh
 from tests.xenstore.conftest import (  # noqa: F401 - fixtures used by this directory
@@ -76,7 +76,7 @@ class CountingStream(trio.abc.Stream):
 @dataclass
 class XsMount:
     session: Session
-    backend: XenStoreBackend
+    backend: XenStoreView
     server: str
     #: Every request the mount sent, in order: (op name, first argument).
     requests: list[tuple[str, str]] = field(default_factory=list)
@@ -108,7 +108,7 @@ async def xsmount(mount: MountFactory) -> AsyncIterator[XsMountFactory]:
         async def connect() -> trio.abc.Stream:
             return CountingStream(await trio.open_unix_socket(server), requests)
 
-        backend = XenStoreBackend(connect=connect, **backend_options)
+        backend = XenStoreView(connect=connect, **backend_options)
         session = await mount([backend], options)
         return XsMount(session, backend, server, requests)
 

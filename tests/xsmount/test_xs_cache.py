@@ -1,6 +1,6 @@
 """The backend's cache without a mount: races between replies and watch events,
-churn, overflowed watch buffers, the embedded server run by the backend, and how
-the command line finds (or starts) a xenstored."""
+churn, overflowed watch buffers; and how the composition root finds a xenstored
+or serves one."""
 
 from __future__ import annotations
 
@@ -14,10 +14,15 @@ from pathlib import Path as FsPath
 import pytest
 import trio
 
+from kvpfs.compose import MountPlan, XenSource, plan_mount, serve_mount
+from kvpfs.config import MountConfig
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, Path
+from kvpfs.fs.mount import mounted_at
+from kvpfs.fs.view import Path, View
 from kvpfs.xenstore.client import Transaction, XenStoreClient, XenStoreError
-from kvpfs.xenstore.fsbackend import XenStoreBackend, find_xenstored
+from kvpfs.xenstore.locate import find_xenstored, is_kvpfs_embedded
+from kvpfs.xenstore.view import XenStoreView
+from tests.conftest import fuse_usable
 from tests.mounting import sh
 from tests.xenstore.conftest import ServerPath
 from tests.xsmount.conftest import XsMountFactory, dump, xs, xs_write
@@ -31,11 +36,11 @@ class Sink:
         self.entries: list[tuple[Path, list[str]]] = []
         self.changed = trio.Event()
 
-    def value_changed(self, backend: Backend, path: Path) -> None:
+    def value_changed(self, backend: View, path: Path) -> None:
         self.values.append(path)
         self.changed.set()
 
-    def entries_changed(self, backend: Backend, directory: Path, names: Sequence[str]) -> None:
+    def entries_changed(self, backend: View, directory: Path, names: Sequence[str]) -> None:
         self.entries.append((directory, list(names)))
         self.changed.set()
 
@@ -56,8 +61,8 @@ class Sink:
                 await self.changed.wait()
 
 
-async def started(nursery: trio.Nursery, server: str, **options: object) -> tuple[XenStoreBackend, Sink]:
-    backend = XenStoreBackend(server, **options)  # type: ignore[arg-type]
+async def started(nursery: trio.Nursery, server: str, **options: object) -> tuple[XenStoreView, Sink]:
+    backend = XenStoreView(server, **options)  # type: ignore[arg-type]
     sink = Sink()
     await nursery.start(backend.run, sink)
     return backend, sink
@@ -105,7 +110,7 @@ async def test_reply_older_than_an_event_is_not_kept(xenstored: ServerPath) -> N
         nursery.cancel_scope.cancel()
 
 
-async def walk(backend: XenStoreBackend, path: Path = ()) -> dict[str, bytes | None]:
+async def walk(backend: XenStoreView, path: Path = ()) -> dict[str, bytes | None]:
     """Every node below ``path`` as the backend shows it: value of files, None for
     directories."""
     out: dict[str, bytes | None] = {}
@@ -191,21 +196,43 @@ async def test_overflowed_watch_drops_the_cache(xenstored: ServerPath) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_embedded_server_run_by_the_backend(mount, tmp_path: FsPath) -> None:  # type: ignore[no-untyped-def]
-    sock = str(tmp_path / "run" / "xenstored.sock")
-    backend = XenStoreBackend(sock, embedded=True)
-    session = await mount([backend])
-    x = f"{session.mountpoint}/xenstore"
-    await xs_write(sock, "/local/domain/0/name", "Domain-0")
-    assert (await sh(f"ls -U {x} && cat {x}/local/domain/0/name")).stdout == b"tool\nlocal\nDomain-0\n"
-    await sh(f"echo hello > {x}/greeting")
-    assert await xs(sock, "xenstore-read", "/greeting") == b"hello\n"
-    await session.stop()
+@pytest.mark.mount
+async def test_embedded_server_served_by_the_composition_root(tmp_path: FsPath) -> None:
+    """With no xenstored on the host, the mount serves its own on a socket of its
+    own, the xenstore-* tools reach it, and it is gone when the mount ends."""
+    reason = fuse_usable()
+    if reason:
+        pytest.skip(reason)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "mnt").mkdir()
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "run"), "XENSTORED_RUNDIR": str(tmp_path / "none")}
+    config = MountConfig(str(tmp_path / "mnt"), kvp_dir=str(tmp_path / "kvp"), xenstore="auto")
+    (tmp_path / "kvp").mkdir()
+    plan = plan_mount(config, env)
+    if plan.xen is not XenSource.EMBEDDED:
+        pytest.skip("this host has a xenstored of its own")
+    sock = plan.xenstored_path
+    assert sock == str(tmp_path / "run" / "kvpfs" / f"xenstored-{os.getpid()}.sock")
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(serve_mount, config, plan)
+        try:
+            x = f"{config.mountpoint}/xenstore"
+            await xs_write(sock, "/greeting", "hi")
+            assert (await sh(f"cat {x}/greeting && cat {x}/local/domain/1/name")).stdout == b"hi\nguest1\n"
+            await sh(f"echo hello > {x}/greeting")
+            assert await xs(sock, "xenstore-read", "/greeting") == b"hello\n"
+        finally:
+            await running.session.stop()
     assert not os.path.exists(sock)
+    assert not mounted_at(config.mountpoint)
 
 
-def test_find_xenstored(xenstored_embedded: ServerPath, tmp_path: FsPath) -> None:
+def test_plan_decides_real_or_embedded_once(
+    xenstored_embedded: ServerPath, xenstored_real: ServerPath, tmp_path: FsPath
+) -> None:
     assert find_xenstored({"XENSTORED_PATH": xenstored_embedded}) == xenstored_embedded
+    assert is_kvpfs_embedded(xenstored_embedded)
+    assert not is_kvpfs_embedded(xenstored_real)
     # A socket file nobody listens on, and no xenbus device: nothing found.
     dead = tmp_path / "dead"
     dead.mkdir()
@@ -214,16 +241,31 @@ def test_find_xenstored(xenstored_embedded: ServerPath, tmp_path: FsPath) -> Non
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(dead / "socket"))
     s.close()
-    assert find_xenstored({"XENSTORED_RUNDIR": str(dead)}) is None or os.path.exists("/dev/xen/xenbus")
-    if not os.path.exists("/dev/xen/xenbus") and not os.path.exists("/proc/xen/xenbus"):
-        chosen = XenStoreBackend.for_mount(
-            env={"XENSTORED_RUNDIR": str(dead), "XDG_RUNTIME_DIR": str(tmp_path)}
-        )
-        assert chosen.embedded and chosen.socket_path == str(tmp_path / "kvpfs" / "xenstored.sock")
-    explicit = XenStoreBackend.for_mount(str(dead / "socket"))
-    assert not explicit.embedded and explicit.socket_path == str(dead / "socket")
-    found = XenStoreBackend.for_mount(env={"XENSTORED_PATH": xenstored_embedded})
-    assert not found.embedded and found.socket_path == xenstored_embedded
+    assert not is_kvpfs_embedded(str(dead / "socket"))
+    no_xen = os.path.exists("/dev/xen/xenbus") or os.path.exists("/proc/xen/xenbus")
+    assert find_xenstored({"XENSTORED_RUNDIR": str(dead)}) is None or no_xen
+    (tmp_path / "kvp").mkdir()
+
+    def plan(xenstore: str, **env: str) -> MountPlan:
+        config = MountConfig("/unused", kvp_dir=str(tmp_path / "kvp"), xenstore=xenstore)
+        return plan_mount(config, {"XENSTORED_RUNDIR": str(dead), **env}, script_dir=str(tmp_path))
+
+    own = str(tmp_path / "kvpfs" / f"xenstored-{os.getpid()}.sock")
+    if not no_xen:
+        assert plan("auto", XDG_RUNTIME_DIR=str(tmp_path)) == plan("auto", XDG_RUNTIME_DIR=str(tmp_path))
+        assert plan("auto", XDG_RUNTIME_DIR=str(tmp_path)).xenstored_path == own
+        # Another kvpfs's socket found through XENSTORED_PATH is no Xen host.
+        adopted = plan("auto", XDG_RUNTIME_DIR=str(tmp_path), XENSTORED_PATH=xenstored_embedded)
+        assert (adopted.xen, adopted.xenstored_path) == (XenSource.EMBEDDED, own)
+    # A real xenstored is the host's: hotplug scripts run where they exist.
+    (tmp_path / "block").write_text("#!/bin/sh\n")
+    real = plan("auto", XENSTORED_PATH=xenstored_real)
+    assert (real.xen, real.xenstored_path, real.hotplug) == (XenSource.HOST, str(xenstored_real), True)
+    # Named on purpose: shared, never the host's.
+    shared = plan(str(xenstored_embedded))
+    assert (shared.xen, shared.hotplug) == (XenSource.SHARED, False)
+    assert plan(str(dead / "socket")).xen is XenSource.HOST
+    assert plan("off").xen is XenSource.OFF
 
 
 @pytest.mark.mount

@@ -54,10 +54,10 @@ import trio
 
 from kvpfs.fs.mount import Session, fuse_options, serve
 from kvpfs.fs.operations import FsOptions, Operations
-from kvpfs.kvp.backend import KvpBackend
-from kvpfs.kvp.device import KvpDevice, VmbusBackend
-from kvpfs.kvp.host import CONNECT_TIMEOUT, KvpHost
-from kvpfs.kvp.hostview import HostBackend
+from kvpfs.kvp.view import KvpView
+from kvpfs.peers.hyperv.device import KvpDevice
+from kvpfs.peers.hyperv.host import CONNECT_TIMEOUT, KvpHost
+from kvpfs.peers.hyperv.view import HostView, VmbusView
 
 log = logging.getLogger("kvpfs.hostsim")
 
@@ -519,9 +519,9 @@ async def environment(
     device = KvpDevice(timeout=config.timeout)
     host = KvpHost(device, initial_items=config.items)
     ops = Operations(
-        [KvpBackend(POOL_DIR), HostBackend(host), VmbusBackend(device)],
+        [KvpView(POOL_DIR), HostView(host), VmbusView(device)],
         # A host request may wait for a daemon, then for the kernel's timeout.
-        FsOptions(backend_timeout=config.timeout + CONNECT_TIMEOUT + 10.0),
+        FsOptions(store_timeout=config.timeout + CONNECT_TIMEOUT + 10.0),
     )
     syslog = SyslogSink(echo=config.verbose)
     async with trio.open_nursery() as nursery:

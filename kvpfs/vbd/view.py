@@ -19,7 +19,7 @@ failed after its nodes were written leaves no node behind, but its directory sta
 (with ``error``, the last backend state and the hotplug error) until it is removed
 with ``rmdir`` or the same device is attached again.
 
-Everything is read from XenStore when asked; :meth:`VbdBackend.run` watches
+Everything is read from XenStore when asked; :meth:`VbdView.run` watches
 ``backend/vbd`` and each device's frontend ``state`` only to push kernel cache
 invalidations.
 """
@@ -28,27 +28,24 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, ChangeSink, Node, NodeKind, Path, Stream
+from kvpfs.fs.view import ChangeSink, Node, NodeKind, Path, Stream, View
 from kvpfs.vbd.hotplug import HotplugRunner
 from kvpfs.vbd.layout import DEFAULT_SCRIPT_DIR, device_paths, parse_xbdback_name, xbdback_name
-from kvpfs.vbd.simulated import SimulatedHost, read_many
 from kvpfs.vbd.states import XenbusState, parse_state, state_name
 from kvpfs.vbd.toolstack import Toolstack, VbdError
 from kvpfs.vbd.vdev import decode
-from kvpfs.xenstore.client import WatchEvent, WatchGap, XenStoreClient, XenStoreError
+from kvpfs.xenstore.client import WatchEvent, WatchGap, XenStoreClient, XenStoreError, read_many
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUMMARY_FILES", "VbdBackend", "build_vbd_backend"]
+__all__ = ["SUMMARY_FILES", "VbdView"]
 
 ATTACH = "attach"
 #: The summary files, in listing order (absent ones are skipped).
@@ -96,14 +93,13 @@ class _Summary:
     links: dict[str, str]
 
 
-class VbdBackend(Backend):
+class VbdView(View):
     """``vbd/`` over a xenstored (``xenstored_path``; None: where libxenstore looks).
 
-    ``simulate`` also runs the simulated xbdback and blkfront (embedded mode).
     ``hotplug``: run the block hotplug script from ``script_dir`` as the toolstack
-    does; None means "if ``<script_dir>/block`` exists and nothing is simulated".
-    With ``simulate`` and ``hotplug`` both on, the simulated backend leaves the
-    script's part to the script.
+    does.  Whoever plays the backend driver (a real dom0's, or the simulated one
+    that the composition root starts beside an embedded xenstored) is not the
+    view's business: it only writes the toolstack's half and waits for the answer.
     """
 
     name = "vbd"
@@ -113,26 +109,18 @@ class VbdBackend(Backend):
         self,
         xenstored_path: str | None = None,
         *,
-        simulate: bool = False,
         backend_domid: int = 0,
         attach_timeout: float = 10.0,
         detach_timeout: float = 10.0,
-        hotplug: bool | None = None,
+        hotplug: bool = False,
         script_dir: str = DEFAULT_SCRIPT_DIR,
         xenstore_dir: str = "xenstore",
         request_timeout: float | None = 10.0,
-        create_domains: Sequence[tuple[int, str]] = ((1, "guest1"),),
     ) -> None:
         self.xenstored_path = xenstored_path
-        #: With ``simulate``: guests laid out as domain creation does if missing, so
-        #: that attach works on an embedded xenstored that started empty.
-        self.create_domains = tuple(create_domains)
-        self.simulate = simulate
         self.backend_domid = backend_domid
         self.attach_timeout = attach_timeout
         self.detach_timeout = detach_timeout
-        if hotplug is None:
-            hotplug = not simulate and os.path.exists(os.path.join(script_dir, "block"))
         self.hotplug = hotplug
         self.script_dir = script_dir
         self.xenstore_dir = xenstore_dir
@@ -144,15 +132,13 @@ class VbdBackend(Backend):
         self._sink: ChangeSink | None = None
         self._failed: OrderedDict[tuple[int, int], _Failed] = OrderedDict()
         self._known: set[tuple[int, int]] = set()
-        #: The simulated drivers while :meth:`run` runs with ``simulate``.
-        self.simulation: SimulatedHost | None = None
 
     # ------------------------------------------------------------------ lifetime
 
     async def run(
         self, sink: ChangeSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Connect, start the simulation if asked, watch; started once all is up.
+        """Connect and watch; started once both are up.
 
         Raises the client's error (ENOENT, ECONNREFUSED, ...) when no xenstored
         answers.
@@ -170,21 +156,10 @@ class VbdBackend(Backend):
             self._sink = sink
             self._client = client
             try:
-                async with trio.open_nursery() as nursery:
-                    if self.simulate:
-                        self.simulation = SimulatedHost(
-                            self.xenstored_path,
-                            backend_domid=self.backend_domid,
-                            play_hotplug=not self.hotplug,
-                            create_domains=self.create_domains,
-                        )
-                        await nursery.start(self.simulation.run)
-                    await nursery.start(self._watch_backends, client, sink)
-                    task_status.started()
+                await self._watch_backends(client, sink, task_status=task_status)
             finally:
                 self._client = None
                 self._toolstack = None
-                self.simulation = None
 
     @property
     def toolstack(self) -> Toolstack:
@@ -348,7 +323,7 @@ class VbdBackend(Backend):
         # The symlink lives in vbd/<name>/: up two levels is the mount's root.
         return f"../../{self.xenstore_dir}{xs_path}"
 
-    # ------------------------------------------------------------------ Backend API
+    # ------------------------------------------------------------------ View API
 
     async def lookup(self, path: Path) -> Node:
         if path == ():
@@ -473,7 +448,7 @@ class _AttachStream(Stream):
     """An open ``vbd/attach``: each write(2) is one request, "<domain> <disk spec>"
     with or without its newline, and returns only when the attach is done."""
 
-    def __init__(self, backend: VbdBackend) -> None:
+    def __init__(self, backend: VbdView) -> None:
         self._backend = backend
 
     async def read(self, size: int) -> bytes:
@@ -510,26 +485,3 @@ def _size(values: dict[str, bytes | None]) -> int | None:
     except ValueError:
         return None
     return sectors * sector_size
-
-
-def build_vbd_backend(
-    xenstored_path: str | None = None,
-    *,
-    embedded: bool = False,
-    attach_timeout: float = 10.0,
-    detach_timeout: float = 10.0,
-    hotplug: bool | None = None,
-    script_dir: str = DEFAULT_SCRIPT_DIR,
-) -> VbdBackend:
-    """What the command line builds: the vbd view on ``xenstored_path``; with
-    ``embedded`` (kvpfs's own xenstored) the simulated xbdback and blkfront run in
-    the mount's nursery through :meth:`VbdBackend.run`."""
-    return VbdBackend(
-        xenstored_path,
-        simulate=embedded,
-        attach_timeout=attach_timeout,
-        detach_timeout=detach_timeout,
-        hotplug=hotplug,
-        script_dir=script_dir,
-    )
-

@@ -27,9 +27,9 @@ enough that the unmodified daemon cannot tell the difference:
   the next request then fails at once (the single message slot is busy); a late
   reply gets EINVAL, which makes the daemon reopen the device and register again.
 
-The host side (:mod:`kvpfs.kvp.host`) calls :meth:`KvpDevice.transact`; requests
+The host side (:mod:`kvpfs.peers.hyperv.host`) calls :meth:`KvpDevice.transact`; requests
 that arrive while no daemon is registered wait, as they wait in the VMBus channel.
-:class:`VmbusBackend` shows the device as ``vmbus/hv_kvp`` in a kvpfs mount, to be
+:class:`VmbusView` shows the device as ``vmbus/hv_kvp`` in a kvpfs mount, to be
 bind-mounted onto ``/dev/vmbus``.
 """
 
@@ -46,8 +46,7 @@ from dataclasses import dataclass, field
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, Node, NodeKind, Path, Stream
-from kvpfs.kvp import message as m
+from kvpfs.peers.hyperv import message as m
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class KvpDevice:
         self.registrations = 0
         #: The registration operation of the current daemon (100, or the legacy 4).
         self.registered_op: int | None = None
-        self._opener: DeviceStream | None = None
+        self._opener: DeviceHandle | None = None
         self._outmsg: bytes | None = None
         self._on_read: Callable[[], None] | None = None
         self._pending: _Transaction | None = None
@@ -179,7 +178,7 @@ class KvpDevice:
 
     # -- the character device ------------------------------------------------------------
 
-    async def open(self, flags: int) -> DeviceStream:
+    async def open(self, flags: int) -> DeviceHandle:
         if self.state is DeviceState.DESTROYED:
             raise FsError(errno.EBADF)
         if self._opener is not None:
@@ -187,12 +186,12 @@ class KvpDevice:
                 await self.wait_closed()
             if self._opener is not None:
                 raise FsError(errno.EBUSY, "hv_kvp is open already (one opener at a time)")
-        stream = DeviceStream(self, flags)
+        stream = DeviceHandle(self, flags)
         self._opener = stream
         self._signal()
         return stream
 
-    async def read(self, stream: DeviceStream, size: int) -> bytes:
+    async def read(self, stream: DeviceHandle, size: int) -> bytes:
         while True:
             if self.state is DeviceState.DESTROYED:
                 raise FsError(errno.EBADF)
@@ -213,7 +212,7 @@ class KvpDevice:
         self._signal()
         return data
 
-    def write(self, stream: DeviceStream, data: bytes) -> int:
+    def write(self, stream: DeviceHandle, data: bytes) -> int:
         if self.state is DeviceState.DESTROYED:
             raise FsError(errno.EBADF)
         if stream is not self._opener:
@@ -239,7 +238,7 @@ class KvpDevice:
         self._signal()
         return len(data)
 
-    def poll(self, stream: DeviceStream, wake: Callable[[], None] | None) -> int:
+    def poll(self, stream: DeviceHandle, wake: Callable[[], None] | None) -> int:
         if self.state is DeviceState.DESTROYED:
             return select.POLLERR | select.POLLHUP
         if stream is self._opener and self._outmsg is not None:
@@ -248,7 +247,7 @@ class KvpDevice:
             self._wakes.append(wake)
         return 0
 
-    def release(self, stream: DeviceStream) -> None:
+    def release(self, stream: DeviceHandle) -> None:
         if stream is not self._opener:
             return
         self._opener = None
@@ -334,8 +333,8 @@ class KvpDevice:
 
 
 @dataclass(eq=False)
-class DeviceStream(Stream):
-    """One open of ``hv_kvp``."""
+class DeviceHandle:
+    """One open of ``hv_kvp`` (what the FUSE view wraps as a stream)."""
 
     device: KvpDevice
     flags: int
@@ -355,48 +354,3 @@ class DeviceStream(Stream):
 
     async def release(self) -> None:
         self.device.release(self)
-
-
-_DIR = Node(NodeKind.DIR, writable=False)
-_DEVICE = Node(NodeKind.STREAM, writable=True)
-
-
-class VmbusBackend(Backend):
-    """``vmbus/hv_kvp``: the emulated device in a kvpfs mount."""
-
-    name = "vmbus"
-
-    def __init__(self, device: KvpDevice | None = None) -> None:
-        self.device = device or KvpDevice()
-
-    async def lookup(self, path: Path) -> Node:
-        if path == ():
-            return _DIR
-        if path == (DEVICE_NAME,):
-            return _DEVICE
-        if len(path) > 1 and path[0] == DEVICE_NAME:
-            raise FsError(errno.ENOTDIR)
-        raise FsError(errno.ENOENT)
-
-    async def listdir(self, path: Path) -> list[tuple[str, Node]]:
-        if path != ():
-            await self.lookup(path)
-            raise FsError(errno.ENOTDIR)
-        return [(DEVICE_NAME, _DEVICE)]
-
-    async def read(self, path: Path) -> bytes:
-        await self.lookup(path)
-        raise FsError(errno.EISDIR if path == () else errno.EINVAL)
-
-    async def open_stream(self, path: Path, flags: int) -> Stream:
-        if path != (DEVICE_NAME,):
-            await self.lookup(path)
-            raise FsError(errno.EISDIR)
-        return await self.device.open(flags)
-
-    def terminating(self) -> None:
-        # A daemon blocked in read() would hold the unmount until the grace ends.
-        self.device.shutdown()
-
-    async def aclose(self) -> None:
-        self.device.shutdown()

@@ -21,7 +21,7 @@ A request waits for a registered daemon for at most ``connect_timeout`` seconds
 
 Strings are Python ``str`` on the host side, as the host's UTF-16 is.  What the
 daemon stores may differ: the kernel cuts host strings to 511/2047 UTF-8 bytes
-(:func:`kvpfs.kvp.message.delivered` tells in advance), and the host reads back
+(:func:`kvpfs.peers.hyperv.message.delivered` tells in advance), and the host reads back
 at most 254/1022 UTF-16 units.
 """
 
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.kvp import message as m
-from kvpfs.kvp.device import Exchange, KvpDevice
+from kvpfs.peers.hyperv import message as m
+from kvpfs.peers.hyperv.device import Exchange, KvpDevice
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class KvpHost:
 
     async def get(self, pool: int, key: str) -> str:
         """A GET as the kernel carries it: the value comes back empty (see the module doc
-        of :mod:`kvpfs.kvp.message`); ENOENT tells whether the key exists."""
+        of :mod:`kvpfs.peers.hyperv.message`); ENOENT tells whether the key exists."""
         number = _pool(pool)
         _host_string(key, m.HOST_FIELD_KEY_UNITS, errno.ENAMETOOLONG, "key")
         reply = await self._checked(m.HostRequest(m.Op.GET, number, key))

@@ -1,4 +1,4 @@
-"""A dict-backed Backend for testing the FUSE layer on its own.
+"""A dict-backed View for testing the FUSE layer on its own.
 
 It records every store operation so tests can assert how often and with what the
 FUSE layer committed, and can be told to fail or hang.
@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, ChangeSink, Node, NodeKind, Path
+from kvpfs.fs.view import ChangeSink, Node, NodeKind, Path, View
 
 
 @dataclass
-class MemoryBackend(Backend):
+class MemoryView(View):
     name: str = "mem"
     #: directory path -> {name: value}; a value of None marks a subdirectory.
     tree: dict[Path, dict[str, bytes | None]] = field(default_factory=lambda: {(): {}})

@@ -11,7 +11,7 @@ Three parties take part in a KVP exchange on a Hyper-V guest:
 This module is the byte layout of the daemon-side message (:func:`encode`,
 :func:`decode_request`, :func:`decode_reply`) and the kernel's two conversions
 (:func:`kernel_request`, :func:`kernel_reply`), with their exact truncation and
-error rules.  No I/O: :mod:`kvpfs.kvp.device` runs it.
+error rules.  No I/O: :mod:`kvpfs.peers.hyperv.device` runs it.
 
 Layout (integers little-endian ``u32`` unless noted; the header is overlaid by the
 reply's ``int error``)::

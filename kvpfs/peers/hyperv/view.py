@@ -1,7 +1,7 @@
 """The ``host`` directory of the mount: the pools as the Hyper-V host sees them.
 
 ``host/`` is the other end of ``kvp/``: every operation here is a request the
-host sends through the kernel to hv_kvp_daemon (:class:`kvpfs.kvp.host.KvpHost`)::
+host sends through the kernel to hv_kvp_daemon (:class:`kvpfs.peers.hyperv.host.KvpHost`)::
 
     host/external/        pool 0   written by the host     read-write
     host/guest/           pool 1   written by the guest    read-only
@@ -18,7 +18,7 @@ host's enumeration: the listing shows the items before it, as the host would.
 Writing a file sends SET, removing it DELETE, as ``Add-VMKvpItem`` /
 ``Remove-VMKvpItem`` would; renaming is a SET of the new name, then a DELETE of
 the old one (the host has no rename).  The daemon's answer becomes the errno
-(:func:`kvpfs.kvp.host.status_errno`).  A name the host cannot send intact is
+(:func:`kvpfs.peers.hyperv.host.status_errno`).  A name the host cannot send intact is
 refused before anything is sent: a key or value that is not UTF-8 is EILSEQ, a
 key the kernel would cut to 511 bytes ENAMETOOLONG, a value it would cut to 2047
 bytes EFBIG.
@@ -30,7 +30,7 @@ afresh otherwise: one enumeration per second at most, instead of one per file,
 which matters because the daemon rereads the whole pool file for every single
 request.  Listing and reading always ask the daemon.  What the host itself sets
 or deletes (through this view or any other user of the same
-:class:`~kvpfs.kvp.host.KvpHost`) is applied to that enumeration at once; what
+:class:`~kvpfs.peers.hyperv.host.KvpHost`) is applied to that enumeration at once; what
 the guest changes shows in lookups within ``cache_ttl``, like the kernel's own
 attribute cache.
 """
@@ -40,15 +40,17 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, ChangeSink, Node, NodeKind, Path
-from kvpfs.kvp import message as m
-from kvpfs.kvp.host import HostError, KvpHost, status_name
+from kvpfs.fs.view import ChangeSink, Node, NodeKind, Path, Stream, View
 from kvpfs.kvp.names import InvalidName, key_to_name, name_to_key
+from kvpfs.peers.hyperv import message as m
+from kvpfs.peers.hyperv.device import DEVICE_NAME, DeviceHandle, KvpDevice
+from kvpfs.peers.hyperv.host import HostError, KvpHost, status_name
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def _host_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-class HostBackend(Backend):
+class HostView(View):
     """The host's view of the pools, through a :class:`KvpHost`."""
 
     name = "host"
@@ -296,3 +298,67 @@ class HostBackend(Backend):
     ) -> None:
         """The host's own work (the initial items), for as long as the mount lives."""
         await self.host.run(task_status=task_status)
+
+
+@dataclass(eq=False)
+class DeviceStream(Stream):
+    """One open of ``vmbus/hv_kvp``: the FUSE layer's handle on a device opener."""
+
+    handle: DeviceHandle
+
+    async def read(self, size: int) -> bytes:
+        return await self.handle.read(size)
+
+    async def write(self, data: bytes) -> int:
+        return await self.handle.write(data)
+
+    def poll(self, wake: Callable[[], None] | None) -> int:
+        return self.handle.poll(wake)
+
+    async def release(self) -> None:
+        await self.handle.release()
+
+
+_DIR = Node(NodeKind.DIR, writable=False)
+_DEVICE = Node(NodeKind.STREAM, writable=True)
+
+
+class VmbusView(View):
+    """``vmbus/hv_kvp``: the emulated device in a kvpfs mount."""
+
+    name = "vmbus"
+
+    def __init__(self, device: KvpDevice | None = None) -> None:
+        self.device = device or KvpDevice()
+
+    async def lookup(self, path: Path) -> Node:
+        if path == ():
+            return _DIR
+        if path == (DEVICE_NAME,):
+            return _DEVICE
+        if len(path) > 1 and path[0] == DEVICE_NAME:
+            raise FsError(errno.ENOTDIR)
+        raise FsError(errno.ENOENT)
+
+    async def listdir(self, path: Path) -> list[tuple[str, Node]]:
+        if path != ():
+            await self.lookup(path)
+            raise FsError(errno.ENOTDIR)
+        return [(DEVICE_NAME, _DEVICE)]
+
+    async def read(self, path: Path) -> bytes:
+        await self.lookup(path)
+        raise FsError(errno.EISDIR if path == () else errno.EINVAL)
+
+    async def open_stream(self, path: Path, flags: int) -> Stream:
+        if path != (DEVICE_NAME,):
+            await self.lookup(path)
+            raise FsError(errno.EISDIR)
+        return DeviceStream(await self.device.open(flags))
+
+    def terminating(self) -> None:
+        # A daemon blocked in read() would hold the unmount until the grace ends.
+        self.device.shutdown()
+
+    async def aclose(self) -> None:
+        self.device.shutdown()

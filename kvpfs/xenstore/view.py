@@ -41,7 +41,7 @@ caught up), and no gap happened.  Otherwise the result is returned to the caller
 but not kept.  xenstored sends events in order with the replies on the one
 connection, so an event caused before the server answered is always counted.
 Answers about content and names from the cache first let the watch take in
-what the server already sent (:meth:`XenStoreBackend._ready`).
+what the server already sent (:meth:`XenStoreView._ready`).
 
 On an unprivileged (guest) connection xenstored only sends events for nodes the
 guest may read, so the mount cannot learn of every change: nothing is cached
@@ -51,12 +51,8 @@ there, every operation asks the server (events still invalidate the kernel).
 from __future__ import annotations
 
 import errno
-import functools
 import logging
-import os
 import re
-import socket
-import stat
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -65,8 +61,7 @@ from typing import TypeVar
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, ChangeSink, Node, NodeKind, Path
-from kvpfs.xenstore import locate
+from kvpfs.fs.view import ChangeSink, Node, NodeKind, Path, View
 from kvpfs.xenstore.client import (
     Connector,
     Transaction,
@@ -82,14 +77,11 @@ from kvpfs.xenstore.protocol import (
     is_valid_nodename,
     parse_perms_text,
 )
-from kvpfs.xenstore.server import serve_xenstored
 
 __all__ = [
     "PERMS_XATTR",
     "VALUE_XATTR",
-    "XenStoreBackend",
-    "default_embedded_socket",
-    "find_xenstored",
+    "XenStoreView",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,81 +195,19 @@ _ABSENT.exists = False
 _Snapshot = tuple[int, int]
 
 
-# --------------------------------------------------------------------------- locating
-
-
-def find_xenstored(env: Mapping[str, str] | None = None) -> str | None:
-    """The path a client should use if a xenstored is reachable, else None.
-
-    The candidates of :func:`kvpfs.xenstore.locate.candidates` (libxenstore's order:
-    ``$XENSTORED_PATH``, the daemon socket, the xenbus device), each tried for
-    real: a socket file nobody listens on (a daemon that died) does not count.
-    """
-    for path in locate.candidates(env):
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if stat.S_ISSOCK(st.st_mode):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(2.0)
-            try:
-                sock.connect(path)
-            except OSError:
-                continue
-            finally:
-                sock.close()
-            return path
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
-        except OSError:
-            continue
-        os.close(fd)
-        return path
-    return None
-
-
-def default_embedded_socket(env: Mapping[str, str] | None = None) -> str:
-    """Where the mount's own embedded xenstored listens when no xenstored runs:
-    ``$XDG_RUNTIME_DIR/kvpfs/xenstored.sock``, else under ``$XDG_STATE_HOME/kvpfs``
-    (``~/.local/state/kvpfs``), beside the embedded KVP pools."""
-    e = os.environ if env is None else env
-    runtime = e.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "kvpfs", "xenstored.sock")
-    state = e.get("XDG_STATE_HOME") or os.path.join(
-        e.get("HOME") or os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.join(state, "kvpfs", "xenstored.sock")
-
-
-def _socket_alive(path: str) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(2.0)
-    try:
-        sock.connect(path)
-    except OSError:
-        return False
-    finally:
-        sock.close()
-    return True
-
-
 # --------------------------------------------------------------------------- backend
 
 
-class XenStoreBackend(Backend):
+class XenStoreView(View):
     """XenStore as the ``xenstore`` tree of the mount.
 
     ``socket_path`` is the xenstored socket (or xenbus device) to use; None follows
-    libxenstore's rules (:mod:`kvpfs.xenstore.locate`, with ``env``).  With
-    ``embedded=True`` the backend itself serves an embedded xenstored on
-    ``socket_path`` inside its :meth:`run` task (so in the mount's nursery) and
-    talks to it like any client.  ``connect`` replaces the socket with any stream
-    factory (tests count requests with it).  ``domid`` says which guest an
-    unprivileged connection speaks for (read from the relative node ``domid``
-    when not given); it only matters for the mode bits.  ``timeout`` bounds every
-    request (EIO after it; pass the mount's ``timeout=S``).
+    libxenstore's rules (:mod:`kvpfs.xenstore.locate`, with ``env``); the view
+    never starts a xenstored itself (the composition root does).  ``connect``
+    replaces the socket with any stream factory (tests count requests with it).
+    ``domid`` says which guest an unprivileged connection speaks for (read from
+    the relative node ``domid`` when not given); it only matters for the mode bits.
+    ``timeout`` bounds every request (EIO after it; pass the mount's ``timeout=S``).
     """
 
     name = "xenstore"
@@ -292,7 +222,6 @@ class XenStoreBackend(Backend):
         self,
         socket_path: str | None = None,
         *,
-        embedded: bool = False,
         connect: Connector | None = None,
         env: Mapping[str, str] | None = None,
         domid: int | None = None,
@@ -300,12 +229,9 @@ class XenStoreBackend(Backend):
         timeout: float = DEFAULT_TIMEOUT,
         watch_capacity: int = WATCH_CAPACITY,
     ) -> None:
-        if embedded and socket_path is None:
-            raise ValueError("an embedded xenstored needs a socket path")
-        if connect is not None and (socket_path is not None and not embedded):
+        if connect is not None and socket_path is not None:
             raise ValueError("give either socket_path or connect, not both")
         self.socket_path = socket_path
-        self.embedded = embedded
         self.read_only = read_only
         self.timeout = timeout
         self._connect = connect
@@ -333,50 +259,18 @@ class XenStoreBackend(Backend):
         #: Childless nodes this mount made with mkdir: directories while they exist.
         self._made_dirs: set[Path] = set()
 
-    @classmethod
-    def for_mount(
-        cls,
-        socket_path: str | None = None,
-        *,
-        env: Mapping[str, str] | None = None,
-        read_only: bool = False,
-        timeout: float = DEFAULT_TIMEOUT,
-        domid: int | None = None,
-    ) -> XenStoreBackend:
-        """What the command line uses: ``socket_path`` if given; else a xenstored
-        that answers at libxenstore's locations; else an embedded xenstored served by
-        the mount itself on :func:`default_embedded_socket` (or, if another kvpfs
-        already serves one there, that one)."""
-        embedded = False
-        path = socket_path or find_xenstored(env)
-        if path is None:
-            path = default_embedded_socket(env)
-            embedded = not _socket_alive(path)
-        return cls(
-            path, embedded=embedded, env=env, read_only=read_only, timeout=timeout, domid=domid
-        )
-
     @property
     def client(self) -> XenStoreClient | None:
         """The connection while :meth:`run` runs (None otherwise)."""
         return self._client
-
-    def describe(self) -> str:
-        """One line for the log: where the XenStore comes from."""
-        if self.embedded:
-            return (
-                f"embedded xenstored on {self.socket_path} "
-                f"(XENSTORED_PATH={self.socket_path} for the xenstore-* tools)"
-            )
-        return f"xenstored at {self.socket_path or 'the default location'}"
 
     # ------------------------------------------------------------------ background
 
     async def run(
         self, sink: ChangeSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Connect (serving the embedded xenstored first if asked to), set the watch
-        on ``/`` and keep the cache and the kernel in step with it until cancelled."""
+        """Connect, set the watch on ``/`` and keep the cache and the kernel in step
+        with it until cancelled."""
         try:
             await self._run(sink, task_status)
         except BaseExceptionGroup as group:
@@ -387,12 +281,6 @@ class XenStoreBackend(Backend):
 
     async def _run(self, sink: ChangeSink, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
-            if self.embedded:
-                assert self.socket_path is not None
-                directory = os.path.dirname(self.socket_path)
-                if directory:
-                    os.makedirs(directory, mode=0o700, exist_ok=True)
-                await nursery.start(functools.partial(serve_xenstored, self.socket_path))
             if self._connect is not None:
                 client = XenStoreClient(
                     connect=self._connect, timeout=self.timeout, watch_capacity=self._watch_capacity

@@ -51,11 +51,17 @@ import trio
 from kvpfs.vbd.layout import dom0_ops, domain_creation_ops, xbdback_name
 from kvpfs.vbd.states import XenbusState, parse_state, state_name
 from kvpfs.vbd.toolstack import apply_op
-from kvpfs.xenstore.client import Transaction, WatchGap, XenStoreClient, XenStoreError
+from kvpfs.xenstore.client import (
+    Transaction,
+    WatchGap,
+    XenStoreClient,
+    XenStoreError,
+    read_many,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SimulatedBlkfront", "SimulatedXbdback", "read_many"]
+__all__ = ["SimulatedBlkfront", "SimulatedXbdback", "SimulatedXen"]
 
 #: blkif.h's ``info`` bits.
 VDISK_CDROM = 1
@@ -69,24 +75,6 @@ _STATE_RETRIES = 16
 
 class _Gone(Exception):
     """The device's directory was removed (or re-created underneath us)."""
-
-
-async def read_many(client: XenStoreClient, paths: Sequence[str]) -> dict[str, bytes | None]:
-    """Read ``paths``; a missing node is None.
-
-    So is a node the connection may not read: a guest asking for a node below a
-    removed directory of dom0's gets EACCES, not ENOENT, and for a driver both
-    mean the peer is gone.
-    """
-    out: dict[str, bytes | None] = {}
-    for path in paths:
-        try:
-            out[path] = await client.read(path)
-        except XenStoreError as exc:
-            if exc.errno not in (errno.ENOENT, errno.EACCES):
-                raise
-            out[path] = None
-    return out
 
 
 async def _guarded(
@@ -727,7 +715,7 @@ class SimulatedBlkfront(_Driver):
         await t.wait(lambda: False)
 
 
-class SimulatedHost:
+class SimulatedXen:
     """The simulated xbdback and blkfront, each on its own connection to xenstored
     (``path`` as :class:`XenStoreClient` takes it; None for the default location)."""
 

@@ -1,9 +1,9 @@
 """The seam between the FUSE layer and a store (KVP pools, XenStore, the vbd view).
 
-A backend owns one top-level directory of the mount (``kvp``, ``xenstore``, ...).
+A view owns one top-level directory of the mount (``kvp``, ``xenstore``, ...).
 It sees paths as tuples of filenames below that directory and never sees inodes,
 file handles, editor scratch files or the text convention: those belong to the
-FUSE layer.  Backends raise :class:`kvpfs.errors.FsError` with the errno the caller
+FUSE layer.  Views raise :class:`kvpfs.errors.FsError` with the errno the caller
 must get; anything else is a bug and becomes EIO.
 """
 
@@ -21,7 +21,7 @@ import trio
 
 from kvpfs.errors import FsError
 
-#: Filenames below the backend's directory, e.g. ("guest", "MyKey").
+#: Filenames below the view's directory, e.g. ("guest", "MyKey").
 Path = tuple[str, ...]
 
 
@@ -29,7 +29,7 @@ class NodeKind(enum.Enum):
     DIR = "dir"
     FILE = "file"
     SYMLINK = "symlink"
-    #: A device-like file: every read and write goes to :meth:`Backend.open_stream`'s
+    #: A device-like file: every read and write goes to :meth:`View.open_stream`'s
     #: Stream unbuffered, at the caller's size (an emulated character device).
     STREAM = "stream"
 
@@ -42,7 +42,7 @@ class Node:
     #: Length of the stored value in bytes (files), before the text convention.
     size: int = 0
     #: Whether this mount may change the node (drives the mode bits and the errno
-    #: of a write-open, see :attr:`Backend.unwritable_errno`).
+    #: of a write-open, see :attr:`View.unwritable_errno`).
     writable: bool = False
     #: Last change time when the store knows it, else 0 (the mount's start time is used).
     mtime_ns: int = 0
@@ -57,7 +57,7 @@ class Node:
 class Stream(ABC):
     """An open STREAM file.  Reads may wait (a blocking device read)."""
 
-    #: See :attr:`Backend.bounds_own_calls`.
+    #: See :attr:`View.bounds_own_calls`.
     bounds_own_calls: bool = False
 
     @abstractmethod
@@ -76,26 +76,26 @@ class Stream(ABC):
 
 
 class ChangeSink(Protocol):
-    """Where a backend reports changes made by someone else (another process, the host).
+    """Where a view reports changes made by someone else (another process, the host).
 
     The FUSE layer turns them into kernel cache invalidations.  Reporting a change
     that the mount made itself is harmless.
     """
 
-    def value_changed(self, backend: Backend, path: Path) -> None: ...
+    def value_changed(self, view: View, path: Path) -> None: ...
 
     def entries_changed(
-        self, backend: Backend, directory: Path, names: Sequence[str]
+        self, view: View, directory: Path, names: Sequence[str]
     ) -> None: ...
 
 
-class Backend(ABC):
+class View(ABC):
     """A store shown as a directory tree.  All methods run on the trio thread."""
 
-    #: Name of the backend's top-level directory in the mount.
+    #: Name of the view's top-level directory in the mount.
     name: str
 
-    #: True if every call returns or fails within a bound of the backend's own
+    #: True if every call returns or fails within a bound of the view's own
     #: (lock timeouts, request timeouts); the FUSE layer then adds no timeout of
     #: its own.  Otherwise each call is cut off after the mount's ``timeout``.
     bounds_own_calls: bool = False
@@ -106,7 +106,7 @@ class Backend(ABC):
 
     @abstractmethod
     async def lookup(self, path: Path) -> Node:
-        """The node at ``path`` (``()`` is the backend's own directory); ENOENT if absent."""
+        """The node at ``path`` (``()`` is the view's own directory); ENOENT if absent."""
 
     @abstractmethod
     async def listdir(self, path: Path) -> list[tuple[str, Node]]:
@@ -133,10 +133,10 @@ class Backend(ABC):
         raise FsError(errno.EROFS)
 
     async def rename(self, old: Path, new: Path, *, replace: bool) -> None:
-        """Move a file within the backend atomically.
+        """Move a file within the view atomically.
 
         ``replace=False`` is RENAME_NOREPLACE: EEXIST if ``new`` exists.  EXDEV when the
-        backend cannot move between the two directories.
+        view cannot move between the two directories.
         """
         raise FsError(errno.EXDEV)
 
@@ -150,7 +150,7 @@ class Backend(ABC):
     async def rmdir(self, path: Path) -> None:
         raise FsError(errno.EPERM)
 
-    #: Whether the backend has xattrs (XenStore permissions); see :meth:`getxattr`.
+    #: Whether the view has xattrs (XenStore permissions); see :meth:`getxattr`.
     has_xattrs: bool = False
 
     async def listxattr(self, path: Path) -> list[str]:
@@ -168,7 +168,7 @@ class Backend(ABC):
         """Background work for as long as the mount lives (watches, polling).
 
         Started in the mount's nursery with ``nursery.start``; it reports started
-        once the backend is ready to serve, and is cancelled at unmount.
+        once the view is ready to serve, and is cancelled at unmount.
         """
         task_status.started()
 

@@ -6,7 +6,7 @@ returns every message it causes: the reply to the requester and the watch events
 any connection (the requester included), each as ``(conn_id, Message)`` in the order
 cxenstored writes them.  :meth:`Store.handle_frame` is the same for a server: header
 fields and payload in, encoded frames out, with no message objects in between.  No
-sockets, no clock, no randomness: the trio server (:mod:`kvpfs.xenstore.server`)
+sockets, no clock, no randomness: the trio server (:mod:`kvpfs.peers.xenstored.server`)
 only moves bytes.
 
 Observable details follow the real cxenstored 4.17 (checked against it by the
@@ -33,7 +33,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from .protocol import (
+from kvpfs.xenstore.protocol import (
+    EMBEDDED_PROBE,
+    EMBEDDED_PROBE_REPLY,
     HEADER,
     INTRODUCE_DOMAIN,
     OK,
@@ -1233,6 +1235,8 @@ class Store:
             if not args and not self._logfile_set:
                 raise StoreError(E.EINVAL)
             return _OK
+        if cmd == EMBEDDED_PROBE and not args:
+            return EMBEDDED_PROBE_REPLY
         if cmd == b"quota":
             return self._control_quota(args)
         if cmd == b"quota-soft":

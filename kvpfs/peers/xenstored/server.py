@@ -1,4 +1,4 @@
-"""An embedded xenstored: the :class:`~kvpfs.xenstore.store.Store` behind unix sockets.
+"""An embedded xenstored: the :class:`~kvpfs.peers.xenstored.store.Store` behind unix sockets.
 
 :func:`serve_xenstored` runs until cancelled.  It listens on
 
@@ -43,8 +43,8 @@ from typing import Any
 
 import trio
 
-from .protocol import HEADER, XENSTORE_PAYLOAD_MAX
-from .store import Quotas, Store
+from kvpfs.peers.xenstored.store import Quotas, Store
+from kvpfs.xenstore.protocol import HEADER, XENSTORE_PAYLOAD_MAX
 
 __all__ = [
     "DEFAULT_MAX_PENDING_BYTES",
@@ -688,12 +688,13 @@ class _Started:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kvpfs.xenstore.server SOCKET [DOMID:PATH ...]``: for tests and
+    """``python -m kvpfs.peers.xenstored.server SOCKET [DOMID:PATH ...]``: for tests and
     scripts that want an embedded xenstored in a separate process."""
     args = sys.argv[1:] if argv is None else argv
     if not args:
         print(
-            "usage: python -m kvpfs.xenstore.server SOCKET [--initial NAME] [DOMID:PATH ...]",
+            "usage: python -m kvpfs.peers.xenstored.server"
+            " SOCKET [--initial NAME] [DOMID:PATH ...]",
             file=sys.stderr,
         )
         return 2

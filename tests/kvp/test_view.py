@@ -1,4 +1,4 @@
-"""KvpBackend: the tree, the errno of every refusal, and reported outside changes."""
+"""KvpView: the tree, the errno of every refusal, and reported outside changes."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, Node, NodeKind
-from kvpfs.kvp.backend import POOL_NAMES, KvpBackend
+from kvpfs.fs.view import Node, NodeKind, View
 from kvpfs.kvp.limits import LimitsMode
 from kvpfs.kvp.location import create_pools
 from kvpfs.kvp.records import RECORD_SIZE, encode_record
+from kvpfs.kvp.view import POOL_NAMES, KvpView
 
 from .helpers import raw_record
 
@@ -41,7 +41,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 async def test_root_lists_the_five_pools(pool_dir: Path) -> None:
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     listing = await backend.listdir(())
     assert [name for name, _ in listing] == [
         "external", "guest", "auto", "auto_external", "auto_internal",
@@ -58,7 +58,7 @@ async def test_root_lists_the_five_pools(pool_dir: Path) -> None:
 
 
 async def test_pool_lists_each_key_once_by_escaped_name(pool_dir: Path) -> None:
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     listing = await backend.listdir(("guest",))
     mtime = (pool_dir / ".kvp_pool_1").stat().st_mtime_ns
     assert listing == [
@@ -80,7 +80,7 @@ async def test_pool_lists_each_key_once_by_escaped_name(pool_dir: Path) -> None:
 
 
 async def test_write_read_remove_rename(pool_dir: Path) -> None:
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     await backend.check_new_name(("guest", "new key"))
     await backend.write(("guest", "new key"), b"value")
     assert await backend.read(("guest", "new key")) == b"value"
@@ -100,14 +100,14 @@ async def test_write_read_remove_rename(pool_dir: Path) -> None:
 
 
 async def test_all_writable_plays_the_host(pool_dir: Path) -> None:
-    backend = KvpBackend(str(pool_dir), all_writable=True)
+    backend = KvpView(str(pool_dir), all_writable=True)
     for pool_name in POOL_NAMES:
         await backend.write((pool_name, "k"), b"v")
         assert (await backend.lookup((pool_name, "k"))).writable
     assert await backend.read(("external", "k")) == b"v"
 
 
-Op = Callable[[Backend], Awaitable[object]]
+Op = Callable[[View], Awaitable[object]]
 
 
 def _write(*path: str, value: bytes = b"v") -> Op:
@@ -211,7 +211,7 @@ _REFUSALS: list[tuple[str, dict[str, object], Op, int]] = [
 )
 async def test_refusals(pool_dir: Path, options: dict[str, object], op: Op, code: int) -> None:
     before = snapshot(pool_dir)
-    backend = KvpBackend(str(pool_dir), **options)  # type: ignore[arg-type]
+    backend = KvpView(str(pool_dir), **options)  # type: ignore[arg-type]
     with pytest.raises(FsError) as info:
         await op(backend)
     assert info.value.errno == code, info.value
@@ -232,14 +232,14 @@ async def test_refusals(pool_dir: Path, options: dict[str, object], op: Op, code
 async def test_limits_accept_up_to_the_edge(
     pool_dir: Path, limits: LimitsMode, pool_name: str, name: str, value: bytes
 ) -> None:
-    backend = KvpBackend(str(pool_dir), limits=limits)
+    backend = KvpView(str(pool_dir), limits=limits)
     await backend.check_new_name((pool_name, name))
     await backend.write((pool_name, name), value)
     assert await backend.read((pool_name, name)) == value
 
 
 async def test_existing_bad_keys_stay_removable(pool_dir: Path) -> None:
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     await backend.remove(("guest", "%ff"))
     assert "%ff" not in [name for name, _ in await backend.listdir(("guest",))]
 
@@ -248,11 +248,11 @@ class Sink:
     def __init__(self) -> None:
         self.events: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
 
-    def value_changed(self, backend: Backend, path: tuple[str, ...]) -> None:
+    def value_changed(self, backend: View, path: tuple[str, ...]) -> None:
         self.events.append(("value", path, ()))
 
     def entries_changed(
-        self, backend: Backend, directory: tuple[str, ...], names: Sequence[str]
+        self, backend: View, directory: tuple[str, ...], names: Sequence[str]
     ) -> None:
         self.events.append(("entries", directory, tuple(sorted(names))))
 
@@ -264,7 +264,7 @@ async def _wait_for(sink: Sink, count: int) -> None:
 
 
 async def test_run_reports_changes_made_by_others(pool_dir: Path) -> None:
-    backend = KvpBackend(str(pool_dir), poll_interval=0.02)
+    backend = KvpView(str(pool_dir), poll_interval=0.02)
     sink = Sink()
     path = pool_dir / ".kvp_pool_3"
     async with trio.open_nursery() as nursery:
@@ -295,7 +295,7 @@ async def test_run_reports_changes_made_by_others(pool_dir: Path) -> None:
 
 
 async def test_lookups_report_what_they_notice(pool_dir: Path) -> None:
-    backend = KvpBackend(str(pool_dir), poll_interval=3600)
+    backend = KvpView(str(pool_dir), poll_interval=3600)
     sink = Sink()
     async with trio.open_nursery() as nursery:
         await nursery.start(backend.run, sink)
@@ -307,7 +307,7 @@ async def test_lookups_report_what_they_notice(pool_dir: Path) -> None:
 
 
 async def test_listing_is_reused_while_the_pool_is_unchanged(pool_dir: Path) -> None:
-    backend = KvpBackend(str(pool_dir))
+    backend = KvpView(str(pool_dir))
     await trio.sleep(0.03)
     first = await backend.listdir(("guest",))
     second = await backend.listdir(("guest",))

@@ -22,7 +22,7 @@ import logging
 import trio
 
 from kvpfs.errors import FsError
-from kvpfs.fs.backend import Backend, ChangeSink, Node, NodeKind, Path
+from kvpfs.fs.view import ChangeSink, Node, NodeKind, Path, View
 from kvpfs.kvp.limits import LimitsMode, check_key, check_value
 from kvpfs.kvp.location import pool_path
 from kvpfs.kvp.names import MAX_NAME_BYTES, InvalidName, key_to_name, name_to_key
@@ -46,7 +46,7 @@ _name_of = functools.lru_cache(maxsize=16384)(key_to_name)
 _key_of = functools.lru_cache(maxsize=16384)(name_to_key)
 
 
-class KvpBackend(Backend):
+class KvpView(View):
     """The pool files of one directory as the ``kvp`` tree."""
 
     name = "kvp"
