@@ -26,12 +26,21 @@ from typing import Any
 
 import trio
 
+from kvpfs import __version__
 from kvpfs.config import MountConfig
 from kvpfs.errors import UsageError
-from kvpfs.fs.mount import Session, fuse_options, serve
+from kvpfs.fs.mount import SHUTDOWN_DEADLINE, Session, fuse_options, serve
 from kvpfs.fs.operations import FsOptions, Operations
 from kvpfs.fs.view import View
-from kvpfs.kvp.location import PoolDir, PoolDirError, find_pool_dir
+from kvpfs.info.view import InfoView
+from kvpfs.kvp.location import (
+    PoolDir,
+    PoolDirError,
+    PoolDirKind,
+    create_pools,
+    embedded_dir,
+    find_pool_dir,
+)
 from kvpfs.kvp.view import KvpView
 from kvpfs.peers.xendrivers import SimulatedXen
 from kvpfs.peers.xenstored.server import XenstoredServer, serve_xenstored
@@ -42,8 +51,6 @@ from kvpfs.xenstore.view import XenStoreView
 
 log = logging.getLogger(__name__)
 
-#: How long each part may take to stop before it is abandoned.
-SHUTDOWN_DEADLINE = 5.0
 #: The guests an embedded XenStore starts with (domain creation's layout), so that
 #: ``vbd/attach`` has a frontend domain to attach to.
 EMBEDDED_GUESTS: tuple[tuple[int, str], ...] = ((1, "guest1"),)
@@ -74,30 +81,97 @@ class MountPlan:
 
     def describe(self) -> list[str]:
         """Where the mount serves data from, one line each, for the user."""
-        lines = []
+        lines = [f"KVP pools: {self.pools.path} ({_POOL_WORDS[self.pools.kind]})"]
         if self.xen is XenSource.EMBEDDED:
             lines.append(f"embedded xenstored: XENSTORED_PATH={self.xenstored_path}")
         elif self.xen is XenSource.SHARED:
             lines.append(
                 f"sharing another kvpfs's embedded xenstored: XENSTORED_PATH={self.xenstored_path}"
             )
+        elif self.xen is XenSource.HOST:
+            hotplug = "; attach runs the host's hotplug scripts" if self.hotplug else ""
+            lines.append(f"XenStore: the host's xenstored at {self.xenstored_path}{hotplug}")
         return lines
+
+    def facts(self) -> dict[str, str]:
+        """What ``.kvpfs/`` in the mount shows (see :mod:`kvpfs.info.view`)."""
+        facts = {
+            "source": self.fsname,
+            "kvp-dir": self.pools.path,
+            "kvp-source": self.pools.kind.value,
+            "xenstore": self.xen.value,
+        }
+        if self.xenstored_path is not None:
+            facts["xenstored-path"] = self.xenstored_path
+        facts["pid"] = str(os.getpid())
+        facts["version"] = __version__
+        return facts
+
+    @property
+    def fsname(self) -> str:
+        """The mount's source as findmnt shows it: what it serves."""
+        xen = {
+            XenSource.OFF: "",
+            XenSource.HOST: "+xenstore-host",
+            XenSource.EMBEDDED: "+xenstore-embedded",
+            XenSource.SHARED: "+xenstore-shared",
+        }[self.xen]
+        kvp = "embedded" if self.pools.kind is PoolDirKind.EMBEDDED else "host"
+        if self.pools.kind is PoolDirKind.EXPLICIT:
+            kvp = "dir"
+        return f"kvpfs:kvp-{kvp}{xen}"
+
+
+_POOL_WORDS = {
+    PoolDirKind.LINUX: "this Hyper-V guest's live pools: kvp/guest writes reach the host",
+    PoolDirKind.FREEBSD: "this Hyper-V guest's live pools: kvp/guest writes reach the host",
+    PoolDirKind.EMBEDDED: "embedded, kept across mounts",
+    PoolDirKind.EXPLICIT: "the directory given",
+}
 
 
 def embedded_socket_path(env: Mapping[str, str] | None = None) -> str:
     """The socket this process serves its embedded xenstored on: one per mount
     (each mount is its own process), under ``$XDG_RUNTIME_DIR/kvpfs`` or else
-    ``$XDG_STATE_HOME/kvpfs`` (``~/.local/state/kvpfs``)."""
+    beside the embedded pools (``$XDG_STATE_HOME/kvpfs``)."""
     e = os.environ if env is None else env
     runtime = e.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
+    if runtime and os.path.isabs(runtime) and os.path.isdir(runtime):
         directory = os.path.join(runtime, "kvpfs")
     else:
-        state = e.get("XDG_STATE_HOME") or os.path.join(
-            e.get("HOME") or os.path.expanduser("~"), ".local", "state"
-        )
-        directory = os.path.join(state, "kvpfs")
+        directory = os.path.dirname(embedded_dir(e))
     return os.path.join(directory, f"xenstored-{os.getpid()}.sock")
+
+
+def _reachable(path: str) -> str | None:
+    """Why a xenstored named by the user cannot be used, or None."""
+    if locate.find_xenstored({"XENSTORED_PATH": path}) == path:
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "nothing answers there"
+
+
+def _pools(config: MountConfig, env: Mapping[str, str] | None) -> PoolDir:
+    if config.source == "embedded" and config.kvp_dir is None:
+        path = embedded_dir(env)
+        create_pools(path, private=True)
+        return PoolDir(path, PoolDirKind.EMBEDDED)
+    pools = find_pool_dir(config.kvp_dir, env=env)
+    if config.source == "host" and pools.kind is PoolDirKind.EMBEDDED:
+        raise UsageError("source 'host': this machine has no Hyper-V KVP pools")
+    return pools
+
+
+def make_private_dir(path: str) -> None:
+    """``path`` and missing parents as 0700 (a umask cannot widen or narrow it)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise UsageError(f"cannot create {path}: {exc.strerror or exc}") from None
 
 
 def plan_mount(
@@ -108,13 +182,17 @@ def plan_mount(
 ) -> MountPlan:
     """Decide, once, what the mount is made of (see the module's docstring)."""
     try:
-        pools = find_pool_dir(config.kvp_dir, env=env)
+        pools = _pools(config, env)
     except PoolDirError as exc:
         raise UsageError(str(exc)) from None
     if config.xenstore == "off":
         return MountPlan(pools, XenSource.OFF, None, hotplug=False)
+    if config.xenstore == "auto" and config.source == "embedded":
+        return MountPlan(pools, XenSource.EMBEDDED, embedded_socket_path(env), hotplug=False)
     if config.xenstore == "auto":
         found = locate.find_xenstored(env)
+        if config.source == "host" and (found is None or locate.is_kvpfs_embedded(found)):
+            raise UsageError("source 'host': this machine has no xenstored (use --xenstore off)")
         # Another kvpfs's socket (say, through an exported XENSTORED_PATH) is no
         # sign of a Xen host: this mount serves its own.
         if found is None or locate.is_kvpfs_embedded(found):
@@ -122,6 +200,9 @@ def plan_mount(
         path = found
     else:
         path = config.xenstore
+        why = _reachable(path)
+        if why is not None:
+            raise UsageError(f"no xenstored at {path}: {why}")
         if locate.is_kvpfs_embedded(path):
             return MountPlan(pools, XenSource.SHARED, path, hotplug=False)
     hotplug = os.path.exists(os.path.join(script_dir, "block"))
@@ -138,6 +219,7 @@ def build_views(config: MountConfig, plan: MountPlan) -> list[View]:
             limits="format" if config.kvp_limits == "format" else "host",
         )
     ]
+    views.append(InfoView(plan.facts()))
     if plan.xen is not XenSource.OFF:
         views.append(
             XenStoreView(plan.xenstored_path, read_only=config.read_only, timeout=config.timeout)
@@ -223,14 +305,19 @@ async def serve_mount(
             store_timeout=config.timeout,
         ),
     )
-    options = fuse_options(allow_other=config.allow_other, read_only=config.read_only)
+    options = fuse_options(
+        fsname=config.fsname or plan.fsname,
+        allow_other=config.allow_other,
+        read_only=config.read_only,
+        extra=config.fuse_extra,
+    )
     async with trio.open_nursery() as nursery:
         peers = Peers(nursery)
         try:
             xenstored = drivers = None
             if plan.xen is XenSource.EMBEDDED:
                 assert plan.xenstored_path is not None
-                os.makedirs(os.path.dirname(plan.xenstored_path), mode=0o700, exist_ok=True)
+                make_private_dir(os.path.dirname(plan.xenstored_path))
                 xenstored = await peers.start(
                     "the embedded xenstored",
                     functools.partial(serve_xenstored, plan.xenstored_path),

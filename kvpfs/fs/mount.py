@@ -17,9 +17,14 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from kvpfs.errors import UsageError, one_line
 from kvpfs.fs.operations import Operations
 
 log = logging.getLogger(__name__)
+
+#: How long each step of a shutdown (committing open files, closing a view) may
+#: take before it is abandoned, so that a hung store cannot keep the process alive.
+SHUTDOWN_DEADLINE = 5.0
 
 
 def fuse_options(
@@ -28,6 +33,7 @@ def fuse_options(
     allow_other: bool = False,
     read_only: bool = False,
     debug: bool = False,
+    extra: Iterable[str] = (),
 ) -> set[str]:
     # default_permissions makes the kernel enforce the mode bits; without it a
     # root-owned 0600 key would be readable by anyone under allow_other.
@@ -39,6 +45,8 @@ def fuse_options(
         options.add("ro")
     if debug:
         options.add("debug")
+    # Generic options (nosuid, noexec, ...) as mount(8) gives them; "rw" is the default.
+    options |= set(extra) - {"rw"}
     return options
 
 
@@ -67,6 +75,12 @@ class Session:
         """End now, abandoning handlers that are stuck."""
         self.cancel_scope.cancel()
 
+    def cancel_after(self, seconds: float) -> None:
+        """End at the latest ``seconds`` from now."""
+        self.cancel_scope.deadline = min(
+            self.cancel_scope.deadline, trio.current_time() + seconds
+        )
+
     async def stop(self, grace: float = 5.0) -> None:
         self.terminate()
         with trio.move_on_after(grace):
@@ -92,7 +106,14 @@ async def serve(
             async with trio.open_nursery() as nursery:
                 # Views first, so that the mount answers from the moment it exists.
                 for view in ops.views.values():
-                    await nursery.start(view.run, ops.invalidator)
+                    try:
+                        await nursery.start(view.run, ops.invalidator)
+                    except Exception as exc:
+                        # One line for the user: which view, and why (see one_line).
+                        message = one_line(exc)
+                        if message is None:
+                            raise
+                        raise UsageError(f"{view.name}/ cannot start: {message}") from exc
                 await nursery.start(ops.invalidator.run)
                 pyfuse3.init(ops, mountpoint, set(options))
                 try:
@@ -101,18 +122,23 @@ async def serve(
                     task_status.started(session)
                     await pyfuse3.main()
                     session._loop_finished = True
-                    await ops.commit_all()
+                    with trio.move_on_after(SHUTDOWN_DEADLINE) as committing:
+                        await ops.commit_all()
+                    if committing.cancelled_caught:
+                        log.warning("open files not committed within %.0f s", SHUTDOWN_DEADLINE)
                 finally:
                     session._loop_finished = True
                     pyfuse3.close(unmount=True)
                     nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            for view in ops.views.values():
+        for view in ops.views.values():
+            with trio.move_on_after(SHUTDOWN_DEADLINE, shield=True) as closing:
                 try:
                     await view.aclose()
                 except Exception:
                     log.exception("closing view %s failed", view.name)
+            if closing.cancelled_caught:
+                log.warning("view %s did not close within %.0f s", view.name, SHUTDOWN_DEADLINE)
         session.done.set()
 
 
@@ -124,26 +150,40 @@ async def _handle_signals(session: Session) -> None:
             if count == 1:
                 log.info("%s: unmounting", signal.Signals(signum).name)
                 session.terminate()
+                # A handler stuck on a hung store would hold the request loop.
+                session.cancel_after(2 * SHUTDOWN_DEADLINE)
             else:
                 log.warning("second %s: forcing exit", signal.Signals(signum).name)
                 session.cancel()
 
 
-def mounted_at(mountpoint: str) -> bool:
-    """Whether the kernel lists a mount at ``mountpoint``.
+#: The filesystem type the kernel shows for a kvpfs mount (``subtype=kvpfs``).
+FSTYPE = "fuse.kvpfs"
+
+
+def mount_type(mountpoint: str) -> str | None:
+    """The filesystem type of the topmost mount at ``mountpoint``, None if none.
 
     Reads /proc/self/mountinfo: os.path.ismount() lies about a dead FUSE mount.
     """
     target = os.path.realpath(mountpoint)
+    found = None
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
-                    return True
+                    # "... - fstype source options": the later line is the top mount.
+                    rest = fields[fields.index("-") + 1 :] if "-" in fields else []
+                    found = rest[0] if rest else "unknown"
     except OSError:
-        return False
-    return False
+        return None
+    return found
+
+
+def mounted_at(mountpoint: str) -> bool:
+    """Whether the kernel lists a mount at ``mountpoint``."""
+    return mount_type(mountpoint) is not None
 
 
 def _unescape_mountinfo(path: str) -> str:

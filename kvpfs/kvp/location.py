@@ -9,8 +9,8 @@ In this order:
 3. FreeBSD's ``/var/db/hyperv/pool``, by the same rule;
 4. an embedded directory for machines without Hyper-V:
    ``$XDG_STATE_HOME/kvpfs/kvp`` (``~/.local/state/kvpfs/kvp`` by default),
-   created with mode 0755 and the five empty pool files (0644, never truncated)
-   that the daemon would create.
+   created with mode 0700 (as is ``kvpfs/`` above it) and the five empty pool
+   files (0644, never truncated) that the daemon would create.
 
 A missing pool file in a chosen directory is an empty pool; it is created,
 as the daemon does, by the first write to it.
@@ -82,10 +82,16 @@ def _check_usable(directory: str) -> None:
         raise PoolDirError(f"kvp pool directory {directory} is not readable")
 
 
-def create_pools(directory: str) -> None:
-    """Make ``directory`` (0755) and the five pool files (0644) where missing."""
+def create_pools(directory: str, *, private: bool = False) -> None:
+    """Make ``directory`` (0755, as the daemon does; with ``private`` it and its
+    parent are 0700, kvpfs's own state) and the five pool files (0644) where missing."""
     try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
+        if private:
+            for path in (os.path.dirname(directory), directory):
+                os.makedirs(path, mode=0o700, exist_ok=True)
+                os.chmod(path, 0o700)
+        else:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
         for number in range(POOL_COUNT):
             # O_CREAT without O_TRUNC, like the daemon: existing pools keep their records.
             fd = os.open(
@@ -114,6 +120,6 @@ def find_pool_dir(
         if _has_pools(directory):
             return PoolDir(directory, kind)
     path = embedded_dir(env)
-    create_pools(path)
+    create_pools(path, private=True)
     _check_usable(path)
     return PoolDir(path, PoolDirKind.EMBEDDED)

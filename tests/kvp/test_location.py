@@ -44,7 +44,8 @@ def test_embedded_default_is_created_like_the_daemon_does(tmp_path: Path) -> Non
         os.umask(old_umask)
     assert kind is PoolDirKind.EMBEDDED
     assert path == str(tmp_path / "home/.local/state/kvpfs/kvp")
-    assert os.stat(path).st_mode & 0o777 == 0o755
+    assert os.stat(path).st_mode & 0o777 == 0o700
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
     for n in range(5):
         st = os.stat(os.path.join(path, f".kvp_pool_{n}"))
         assert (st.st_size, st.st_mode & 0o777) == (0, 0o644)

@@ -84,8 +84,11 @@ def test_returns_when_ready_and_serves_in_background(mnt: Path, pools: Pools) ->
     pools.set_bytes("guest", rec(b"K", b"v"))
     result = run(str(mnt), "--kvp-dir", str(pools.directory), "--xenstore", "off")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == result.stderr == ""
-    assert os.listdir(mnt) == ["kvp"]
+    # Said before the command returns: where the data comes from.
+    assert result.stdout == ""
+    assert result.stderr == f"kvpfs: KVP pools: {pools.directory} (the directory given)\n"
+    assert sorted(os.listdir(mnt)) == [".kvpfs", "kvp"]
+    assert (mnt / ".kvpfs/xenstore").read_bytes() == b"off\n"
     # `kvpfs MNT && ls MNT` must work: the mount is ready when the command returns.
     assert sorted(os.listdir(mnt / "kvp")) == [
         "auto", "auto_external", "auto_internal", "external", "guest",
@@ -214,8 +217,13 @@ def test_embedded_xen_beside_kvp(mnt: Path, pools: Pools, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     # A socket of this mount's own, named after the process that serves it.
     socket_path = tmp_path / f"runtime/kvpfs/xenstored-{kvpfs_pid(mnt)}.sock"
-    assert result.stderr == f"kvpfs: embedded xenstored: XENSTORED_PATH={socket_path}\n"
-    assert sorted(os.listdir(mnt)) == ["kvp", "vbd", "xenstore"]
+    assert result.stderr == (
+        f"kvpfs: KVP pools: {pools.directory} (the directory given)\n"
+        f"kvpfs: embedded xenstored: XENSTORED_PATH={socket_path}\n"
+    )
+    assert sorted(os.listdir(mnt)) == [".kvpfs", "kvp", "vbd", "xenstore"]
+    # A script finds the socket inside the mount, too.
+    assert (mnt / ".kvpfs/xenstored-path").read_bytes() == f"{socket_path}\n".encode()
     env = {**os.environ, "XENSTORED_PATH": str(socket_path)}
     # The xenstore-* tools work beside the mount, on the same store.
     subprocess.run(["xenstore-write", "/tool/kvpfs-test", "from-the-tool"], env=env, check=True)

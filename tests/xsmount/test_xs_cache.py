@@ -16,7 +16,7 @@ import trio
 
 from kvpfs.compose import MountPlan, XenSource, plan_mount, serve_mount
 from kvpfs.config import MountConfig
-from kvpfs.errors import FsError
+from kvpfs.errors import FsError, UsageError
 from kvpfs.fs.mount import mounted_at
 from kvpfs.fs.view import Path, View
 from kvpfs.xenstore.client import Transaction, XenStoreClient, XenStoreError
@@ -264,7 +264,11 @@ def test_plan_decides_real_or_embedded_once(
     # Named on purpose: shared, never the host's.
     shared = plan(str(xenstored_embedded))
     assert (shared.xen, shared.hotplug) == (XenSource.SHARED, False)
-    assert plan(str(dead / "socket")).xen is XenSource.HOST
+    # Named but not answering, or missing: one line, before anything starts.
+    with pytest.raises(UsageError, match="no xenstored at .*/dead/socket: nothing answers there"):
+        plan(str(dead / "socket"))
+    with pytest.raises(UsageError, match="no xenstored at /nonexistent.sock: No such file"):
+        plan("/nonexistent.sock")
     assert plan("off").xen is XenSource.OFF
 
 

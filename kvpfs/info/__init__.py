@@ -1,0 +1,1 @@
+"""What a mount serves, readable from inside it: the ``.kvpfs/`` view."""
