@@ -163,8 +163,6 @@ def preflight(config: MountConfig) -> None:
     from kvpfs.fs.mount import mounted_at
 
     mnt = config.mountpoint
-    if not os.path.lexists(mnt):
-        raise UsageError(f"mountpoint {mnt} does not exist")
     try:
         st = os.stat(mnt)
     except OSError as exc:
@@ -172,6 +170,8 @@ def preflight(config: MountConfig) -> None:
             raise UsageError(
                 f"mountpoint {mnt} is a dead mount (not connected): run `kvpfs unmount {mnt}`"
             ) from None
+        if exc.errno == errno.ENOENT:
+            raise UsageError(f"mountpoint {mnt} does not exist") from None
         raise UsageError(f"mountpoint {mnt} is not usable: {exc.strerror}") from None
     if mounted_at(mnt):
         raise UsageError(f"mountpoint {mnt} is busy: something is already mounted there")

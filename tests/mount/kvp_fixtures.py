@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from kvpfs.fs.mount import Session
 from kvpfs.fs.operations import FsOptions
-from kvpfs.kvp.location import create_pools, pool_path
+from kvpfs.kvp.location import pool_path
 from kvpfs.kvp.view import KvpView
 
 POOLS = ("external", "guest", "auto", "auto_external", "auto_internal")
@@ -38,14 +36,6 @@ class Pools:
 
     def snapshot(self) -> dict[str, bytes]:
         return {p: self.bytes(p) for p in POOLS}
-
-
-@pytest.fixture
-def pools(tmp_path: Path) -> Pools:
-    directory = tmp_path / "pools"
-    directory.mkdir()
-    create_pools(str(directory))
-    return Pools(directory)
 
 
 async def mount_kvp(

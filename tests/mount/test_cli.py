@@ -6,81 +6,19 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kvpfs.fs.mount import force_unmount, mounted_at
-from tests.conftest import fuse_usable
-from tests.mount.kvp_fixtures import Pools, pools, rec  # noqa: F401
+from kvpfs.fs.mount import mounted_at
+from tests.mount.cli_support import KVPFS, kvpfs_pid, run, wait_gone
+from tests.mount.kvp_fixtures import Pools, rec
 
-pytestmark = pytest.mark.mount
-
-KVPFS = [sys.executable, "-m", "kvpfs.cli"]
+pytestmark = [pytest.mark.mount, pytest.mark.usefixtures("private_runtime_dir")]
 
 
-def kvpfs_pid(mountpoint: Path) -> int | None:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"kvpfs.cli" in argv and os.fsencode(str(mountpoint)) in argv:
-            return int(entry)
-    return None
-
-
-def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.02)
-    return False
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    reason = fuse_usable()
-    if reason:
-        pytest.skip(reason)
-    path = tmp_path / "mnt"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        pid = kvpfs_pid(path)
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            wait_gone(pid)
-        force_unmount(str(path))
-        assert not mounted_at(str(path))
-
-
-def run(*args: str, timeout: float = 20, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*KVPFS, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
-    )
-
-
-@pytest.fixture(autouse=True)
-def private_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The embedded xenstored's socket goes to $XDG_RUNTIME_DIR/kvpfs: one per test.
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    monkeypatch.delenv("XENSTORED_PATH", raising=False)
-    monkeypatch.delenv("XENSTORED_RUNDIR", raising=False)
-
-
-def test_returns_when_ready_and_serves_in_background(mnt: Path, pools: Pools) -> None:  # noqa: F811
+def test_returns_when_ready_and_serves_in_background(mnt: Path, pools: Pools) -> None:
     pools.set_bytes("guest", rec(b"K", b"v"))
     result = run(str(mnt), "--kvp-dir", str(pools.directory), "--xenstore", "off")
     assert result.returncode == 0, result.stderr
@@ -101,7 +39,7 @@ def test_returns_when_ready_and_serves_in_background(mnt: Path, pools: Pools) ->
     assert not mounted_at(str(mnt))
 
 
-def test_sigterm_commits_open_file_and_unmounts(mnt: Path, pools: Pools) -> None:  # noqa: F811
+def test_sigterm_commits_open_file_and_unmounts(mnt: Path, pools: Pools) -> None:
     assert run(str(mnt), "--kvp-dir", str(pools.directory)).returncode == 0
     pid = kvpfs_pid(mnt)
     assert pid is not None
@@ -119,7 +57,7 @@ def test_sigterm_commits_open_file_and_unmounts(mnt: Path, pools: Pools) -> None
     assert pools.bytes("guest") == rec(b"Pending", b"unsaved")
 
 
-def test_sigint_in_foreground(mnt: Path, pools: Pools) -> None:  # noqa: F811
+def test_sigint_in_foreground(mnt: Path, pools: Pools) -> None:
     proc = subprocess.Popen(
         [*KVPFS, str(mnt), "-f", "--kvp-dir", str(pools.directory)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -140,7 +78,7 @@ def test_sigint_in_foreground(mnt: Path, pools: Pools) -> None:  # noqa: F811
     assert pools.bytes("guest") == rec(b"F", b"fg")
 
 
-def test_options(mnt: Path, pools: Pools) -> None:  # noqa: F811
+def test_options(mnt: Path, pools: Pools) -> None:
     pools.set_bytes("external", rec(b"H", b"h"))
     assert run(str(mnt), "--kvp-dir", str(pools.directory), "-o", "raw,kvp_writable=all").returncode == 0
     assert (mnt / "kvp/external/H").read_bytes() == b"h"
@@ -149,7 +87,7 @@ def test_options(mnt: Path, pools: Pools) -> None:  # noqa: F811
     subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
 
 
-def test_ro_option(mnt: Path, pools: Pools) -> None:  # noqa: F811
+def test_ro_option(mnt: Path, pools: Pools) -> None:
     assert run(str(mnt), "--kvp-dir", str(pools.directory), "-o", "ro").returncode == 0
     with pytest.raises(OSError) as info:
         (mnt / "kvp/guest/x").write_bytes(b"1")
@@ -178,7 +116,7 @@ def test_one_line_errors(mnt: Path, tmp_path: Path, argv: list[str], message: st
     assert not mounted_at(str(mnt))
 
 
-def test_busy_mountpoint(mnt: Path, pools: Pools) -> None:  # noqa: F811
+def test_busy_mountpoint(mnt: Path, pools: Pools) -> None:
     assert run(str(mnt), "--kvp-dir", str(pools.directory)).returncode == 0
     result = run(str(mnt), "--kvp-dir", str(pools.directory))
     assert result.returncode == 1
@@ -186,7 +124,7 @@ def test_busy_mountpoint(mnt: Path, pools: Pools) -> None:  # noqa: F811
     subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
 
 
-def test_no_dev_fuse(mnt: Path, pools: Pools) -> None:  # noqa: F811
+def test_no_dev_fuse(mnt: Path, pools: Pools) -> None:
     script = (
         "mount -t tmpfs tmpfs /dev && "
         f"exec {' '.join(KVPFS)} {mnt} --kvp-dir {pools.directory}"
@@ -211,7 +149,7 @@ def test_embedded_default_creates_pools(mnt: Path, tmp_path: Path) -> None:
     subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
 
 
-def test_embedded_xen_beside_kvp(mnt: Path, pools: Pools, tmp_path: Path) -> None:  # noqa: F811
+def test_embedded_xen_beside_kvp(mnt: Path, pools: Pools, tmp_path: Path) -> None:
     """No xenstored here: the mount serves its own, announces it, and vbd/ attaches."""
     result = run(str(mnt), "--kvp-dir", str(pools.directory))
     assert result.returncode == 0, result.stderr
@@ -248,7 +186,7 @@ def test_embedded_xen_beside_kvp(mnt: Path, pools: Pools, tmp_path: Path) -> Non
     assert not socket_path.exists()
 
 
-def test_unmount_command_even_while_busy(mnt: Path, pools: Pools) -> None:  # noqa: F811
+def test_unmount_command_even_while_busy(mnt: Path, pools: Pools) -> None:
     assert run(str(mnt), "--kvp-dir", str(pools.directory), "--xenstore", "off").returncode == 0
     pid = kvpfs_pid(mnt)
     assert pid is not None

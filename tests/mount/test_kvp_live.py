@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from kvpfs.fs.operations import FsOptions
-from tests.mount.kvp_fixtures import Pools, mount_kvp, pools, rec  # noqa: F401
+from tests.mount.kvp_fixtures import Pools, mount_kvp, rec
 from tests.mounting import in_thread, read_bytes, sh
 
 pytestmark = pytest.mark.mount
@@ -32,7 +32,7 @@ async def eventually(check, timeout: float = 2.0) -> None:  # type: ignore[no-un
             await trio.sleep(0.02)
 
 
-async def test_daemon_style_rewrite_is_seen(mount, pools: Pools) -> None:  # noqa: F811
+async def test_daemon_style_rewrite_is_seen(mount, pools: Pools) -> None:
     pools.set_bytes("external", rec(b"HostKey", b"v1"))
     _, kvp = await mount_kvp(mount, pools, options=CACHED)
     path = f"{kvp}/external/HostKey"
@@ -52,7 +52,7 @@ async def test_daemon_style_rewrite_is_seen(mount, pools: Pools) -> None:  # noq
     await eventually(size_fresh)
 
 
-async def test_added_and_removed_keys(mount, pools: Pools) -> None:  # noqa: F811
+async def test_added_and_removed_keys(mount, pools: Pools) -> None:
     pools.set_bytes("auto_external", rec(b"VirtualMachineName", b"vm1"))
     _, kvp = await mount_kvp(mount, pools, options=CACHED)
     d = f"{kvp}/auto_external"
@@ -70,7 +70,7 @@ async def test_added_and_removed_keys(mount, pools: Pools) -> None:  # noqa: F81
     assert (await sh(f"ls {d}")).stdout == b"HostName\n"
 
 
-async def test_partial_tail_is_ignored_then_overwritten(mount, pools: Pools) -> None:  # noqa: F811
+async def test_partial_tail_is_ignored_then_overwritten(mount, pools: Pools) -> None:
     # An interrupted appender left 100 bytes: readers ignore them, the next new
     # record goes to the record boundary, as the daemon's rewrite would.
     pools.set_bytes("guest", rec(b"A", b"1") + b"P" * 100)
@@ -80,7 +80,7 @@ async def test_partial_tail_is_ignored_then_overwritten(mount, pools: Pools) -> 
     assert pools.bytes("guest") == rec(b"A", b"1") + rec(b"B", b"2")
 
 
-async def test_duplicates_first_wins(mount, pools: Pools) -> None:  # noqa: F811
+async def test_duplicates_first_wins(mount, pools: Pools) -> None:
     pools.set_bytes("guest", rec(b"dup", b"first") + rec(b"dup", b"second"))
     _, kvp = await mount_kvp(mount, pools)
     assert (await sh(f"ls {kvp}/guest")).stdout == b"dup\n"
@@ -92,7 +92,7 @@ async def test_duplicates_first_wins(mount, pools: Pools) -> None:  # noqa: F811
     assert (await sh(f"cat {kvp}/guest/dup")).stdout == b"second\n"
 
 
-async def test_pool_file_replaced_by_a_new_inode(mount, pools: Pools) -> None:  # noqa: F811
+async def test_pool_file_replaced_by_a_new_inode(mount, pools: Pools) -> None:
     pools.set_bytes("guest", rec(b"A", b"1"))
     _, kvp = await mount_kvp(mount, pools)
     assert (await sh(f"cat {kvp}/guest/A")).stdout == b"1\n"

@@ -14,7 +14,7 @@ import trio
 
 from kvpfs.kvp.records import RECORD_SIZE, parse, visible
 from tests.kvp.test_concurrency import peer_model, start_peer
-from tests.mount.kvp_fixtures import Pools, mount_kvp, pools  # noqa: F401
+from tests.mount.kvp_fixtures import Pools, mount_kvp
 from tests.mounting import in_thread, write_bytes
 
 pytestmark = pytest.mark.mount
@@ -51,7 +51,7 @@ def mount_ops(kvp: str, model: dict[str, str], stop: list[bool]) -> int:
 
 
 @pytest.mark.timeout(120)
-async def test_ofd_and_flock_writers_beside_the_mount(mount, pools: Pools) -> None:  # noqa: F811
+async def test_ofd_and_flock_writers_beside_the_mount(mount, pools: Pools) -> None:
     _, kvp = await mount_kvp(mount, pools)
     path = pools.path("guest")
     peers = [

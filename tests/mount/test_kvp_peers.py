@@ -14,13 +14,13 @@ import trio
 from kvpfs.kvp.names import key_to_name
 from kvpfs.kvp.records import RECORD_SIZE, parse, visible
 from tests.kvp.test_interop import cloud_init, cloud_init_events, hyperkv
-from tests.mount.kvp_fixtures import Pools, mount_kvp, pools, rec  # noqa: F401
+from tests.mount.kvp_fixtures import Pools, mount_kvp
 from tests.mounting import in_thread, sh, write_bytes
 
 pytestmark = pytest.mark.mount
 
 
-async def test_hyperkv_reads_what_was_written_through_the_mount(mount, pools: Pools) -> None:  # noqa: F811
+async def test_hyperkv_reads_what_was_written_through_the_mount(mount, pools: Pools) -> None:
     _, kvp = await mount_kvp(mount, pools)
     await sh(f"echo 'hello world' > {kvp}/guest/Greeting && printf 'x' > {kvp}/guest/Other")
     await sh(f"echo changed > {kvp}/guest/Greeting && rm {kvp}/guest/Other")
@@ -29,7 +29,7 @@ async def test_hyperkv_reads_what_was_written_through_the_mount(mount, pools: Po
 
 
 @pytest.mark.timeout(90)
-async def test_cloud_init_appends_while_the_mount_writes_and_lists(mount, pools: Pools) -> None:  # noqa: F811
+async def test_cloud_init_appends_while_the_mount_writes_and_lists(mount, pools: Pools) -> None:
     _, kvp = await mount_kvp(mount, pools)
     proc = cloud_init(pools.path("guest"), count=200, pause_ms=3)
     written: dict[str, bytes] = {}

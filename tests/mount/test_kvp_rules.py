@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from kvpfs.kvp.names import key_to_name
-from tests.mount.kvp_fixtures import Pools, mount_kvp, pools, rec  # noqa: F401
+from tests.mount.kvp_fixtures import Pools, mount_kvp, rec
 from tests.mounting import in_thread, read_bytes, renameat2_noreplace, sh, write_bytes
 
 pytestmark = pytest.mark.mount
@@ -32,7 +32,7 @@ def create(path: str, data: bytes = b"v\n") -> None:
 
 
 @pytest.fixture
-def seeded(pools: Pools) -> Pools:  # noqa: F811
+def seeded(pools: Pools) -> Pools:
     pools.set_bytes("guest", rec(b"G", b"g"))
     pools.set_bytes("external", rec(b"HostKey", b"host"))
     pools.set_bytes("auto_internal", rec(b"I", b"i"))
@@ -129,7 +129,7 @@ KEYS = [
 ]
 
 
-async def test_every_key_has_one_reachable_name(mount, pools: Pools) -> None:  # noqa: F811
+async def test_every_key_has_one_reachable_name(mount, pools: Pools) -> None:
     pools.set_bytes("auto_internal", b"".join(rec(k, b"v-" + str(i).encode()) for i, k in enumerate(KEYS)))
     _, kvp = await mount_kvp(mount, pools)
     listed = sorted(os.fsdecode(n) for n in (await sh(f"ls -A {kvp}/auto_internal")).stdout.split(b"\n") if n)
@@ -143,12 +143,12 @@ async def test_every_key_has_one_reachable_name(mount, pools: Pools) -> None:  #
     assert pools.bytes("auto_internal") == b"".join(rec(k, b"w-" + str(i).encode()) for i, k in enumerate(KEYS))
 
 
-async def test_statfs_name_length(mount, pools: Pools) -> None:  # noqa: F811
+async def test_statfs_name_length(mount, pools: Pools) -> None:
     _, kvp = await mount_kvp(mount, pools)
     assert (await in_thread(os.statvfs, kvp)).f_namemax >= 511
 
 
-async def test_refused_new_key_leaves_no_name_behind(mount, pools: Pools) -> None:  # noqa: F811
+async def test_refused_new_key_leaves_no_name_behind(mount, pools: Pools) -> None:
     from kvpfs.fs.operations import FsOptions
 
     _, kvp = await mount_kvp(mount, pools, options=FsOptions(attr_timeout=60))

@@ -14,7 +14,7 @@ import shutil
 import pytest
 import trio
 
-from tests.mount.kvp_fixtures import Pools, mount_kvp, pools, rec  # noqa: F401
+from tests.mount.kvp_fixtures import Pools, mount_kvp, rec
 from tests.mounting import in_thread, nano_append, read_bytes, sh, write_bytes
 
 pytestmark = pytest.mark.mount
@@ -29,7 +29,7 @@ GAMMA = rec(b"Gamma", b"three")
 
 
 @pytest.fixture
-def seeded(pools: Pools) -> Pools:  # noqa: F811
+def seeded(pools: Pools) -> Pools:
     pools.set_bytes("guest", ALPHA + BETA + GAMMA)
     return pools
 

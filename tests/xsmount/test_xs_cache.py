@@ -265,9 +265,9 @@ def test_plan_decides_real_or_embedded_once(
     shared = plan(str(xenstored_embedded))
     assert (shared.xen, shared.hotplug) == (XenSource.SHARED, False)
     # Named but not answering, or missing: one line, before anything starts.
-    with pytest.raises(UsageError, match="no xenstored at .*/dead/socket: nothing answers there"):
+    with pytest.raises(UsageError, match=r"no xenstored at .*/dead/socket: nothing answers there"):
         plan(str(dead / "socket"))
-    with pytest.raises(UsageError, match="no xenstored at /nonexistent.sock: No such file"):
+    with pytest.raises(UsageError, match=r"no xenstored at /nonexistent\.sock: No such file"):
         plan("/nonexistent.sock")
     assert plan("off").xen is XenSource.OFF
 
