@@ -12,6 +12,8 @@ each server separately through the parametrized ``xenstored`` fixture.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from kvpfs.xenstore.protocol import Op
@@ -49,6 +51,11 @@ def S(conn: int, op: int, payload: bytes = b"", tx: int = 0, rid: int = 0) -> Se
 def z(*parts: bytes) -> bytes:
     """NUL-terminate every part: ``z(b"/a", b"tok")`` is ``b"/a\\0tok\\0"``."""
     return b"".join(p + b"\0" for p in parts)
+
+
+def frame(op: int, payload: bytes, rid: int = 0) -> bytes:
+    """One request's bytes, for several requests sent in one write."""
+    return header(op, len(payload), 0, rid) + payload
 
 
 # The big directory: 20 names of 200 bytes and one of 75 give a child list of exactly
@@ -528,6 +535,30 @@ CASES: dict[str, tuple[int, list[Step]]] = {
             ),
         ],
     ),
+    # XSA-326: the WATCH's initial event is still queued when the WRITE fires the
+    # same event, so cxenstored sends it once.
+    "watch-event-merged-in-one-write": (
+        1,
+        [
+            Raw(
+                0,
+                frame(W, z(b"/h", b"p"), 1) + frame(WR, b"/h\x001", 2),
+            ),
+            S(0, WR, b"/h\x002"),
+        ],
+    ),
+    # Events on @ paths are never merged, even queued back to back.
+    "special-events-not-merged": (
+        1,
+        [
+            Raw(
+                0,
+                frame(W, z(b"@introduceDomain", b"i"), 1)
+                + frame(INTRO, z(b"3", b"1", b"7"), 2)
+                + frame(INTRO, z(b"4", b"1", b"7"), 3),
+            ),
+        ],
+    ),
     "chunked-frames": (
         1,
         [
@@ -686,3 +717,48 @@ def test_reference_examples(xenstored: ServerPath) -> None:
         reply, events = c.request(TE, z(b"T"), tx_id=1)
         assert [e.payload for e in events] == [b"/t/x/in\0tok\0"]
         assert c.rq(TS, b"\0", tx=2) == b"E:ENOENT"
+
+
+# --------------------------------------------------------------------------- event merging
+
+
+def test_identical_queued_event_is_merged(xenstored: ServerPath) -> None:
+    """XSA-326: WATCH and a WRITE firing the same event, in one write: one event."""
+    with RawConn(xenstored) as c:
+        c.send_raw(frame(W, z(b"/h", b"p"), 1) + frame(WR, b"/h\x001", 2))
+        got = [(m.type, m.req_id, m.payload) for m in c.sync()]
+        assert got == [(W, 1, b"OK\0"), (Op.WATCH_EVENT, 0, b"/h\0p\0"), (WR, 2, b"OK\0")]
+
+
+def _slow_reader_events(path: str, writes: int) -> list[bytes]:
+    """A connection watches /bp and does not read while another pipelines
+    ``writes`` writes to /bp/k; then it drains: the events it got."""
+    with RawConn(path, timeout=60) as watcher, RawConn(path, timeout=60) as writer:
+        watcher.send(W, z(b"/bp", b"p"), req_id=1)
+        write = frame(WR, b"/bp/k\0v")
+        sender = threading.Thread(target=writer.send_raw, args=(write * writes,))
+        sender.start()
+        try:
+            for _ in range(writes):
+                reply = writer.recv()
+                assert reply is not None and reply.type == WR and reply.payload == b"OK\0"
+        finally:
+            sender.join()
+        got = watcher.sync()
+    assert got[0].type == W and got[0].payload == b"OK\0"
+    assert all(m.type == Op.WATCH_EVENT for m in got[1:])
+    return [m.payload for m in got[1:]]
+
+
+def test_slow_reader_gets_merged_events(
+    xenstored_pair: tuple[ServerPath, ServerPath],
+) -> None:
+    """XSA-326 under load: 20,000 writes behind a reader that does not read give it
+    far fewer events; how many depends on timing, which events does not."""
+    writes = 20_000
+    embedded, real = (_slow_reader_events(p, writes) for p in xenstored_pair)
+    print(f"events after {writes} writes: embedded {len(embedded)}, cxenstored {len(real)}")
+    assert set(embedded) == set(real) == {b"/bp\0p\0", b"/bp/k\0p\0"}
+    assert embedded[0] == real[0] == b"/bp\0p\0"
+    assert len(embedded) < writes // 10
+    assert len(real) < writes // 10

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from kvpfs.peers.xenstored.server import XenstoredServer, serve_xenstored
+from kvpfs.peers.xenstored.server import XenstoredServer, _Client, serve_xenstored
 from kvpfs.xenstore.protocol import HEADER, Op
 
 from .conftest import ConnectionClosed, RawConn, ServerPath, header
@@ -177,6 +177,56 @@ def test_thousands_of_connections_no_fd_or_memory_leak(
         assert c.rq(Op.CONTROL, z(b"quota", b"0")).startswith(b"Domain 0:\n")
         assert c.rq(Op.WRITE, b"/churn\0last") == b"OK\0"
         assert c.recv(timeout=0.1) is None
+
+
+# --------------------------------------------------------------------------- event merging
+
+
+def test_unsent_identical_events_merged_distinct_ones_kept(xenstored_embedded: ServerPath) -> None:
+    """XSA-326: while an event waits unsent, an identical one is not queued; distinct
+    events all are, and once the queue has drained the same event is sent again."""
+    watcher = RawConn(xenstored_embedded, timeout=10)
+    watcher.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with watcher, RawConn(xenstored_embedded) as writer:
+        watcher.send(Op.WATCH, z(b"/bp", b"p"))
+        for _ in range(2000):
+            assert writer.rq(Op.WRITE, b"/bp/k\0v") == b"OK\0"
+        for i in range(100):
+            assert writer.rq(Op.WRITE, b"/bp/d%d\0v" % i) == b"OK\0"
+        for _ in range(2000):
+            assert writer.rq(Op.WRITE, b"/bp/k\0v") == b"OK\0"
+        got = [m.payload for m in watcher.sync()[1:]]
+        distinct = [p for p in got if p.startswith(b"/bp/d")]
+        assert distinct == [b"/bp/d%d\0p\0" % i for i in range(100)]
+        assert got.count(b"/bp/k\0p\0") < 1000
+        assert writer.rq(Op.WRITE, b"/bp/k\0v") == b"OK\0"
+        assert [m.payload for m in watcher.sync()] == [b"/bp/k\0p\0"]
+
+
+def test_event_counts_as_queued_until_its_last_byte_is_sent() -> None:
+    """The merge bookkeeping follows the stream: an event partly handed to the kernel
+    is still queued, a wholly sent one is not."""
+    a, b = socket.socketpair()
+    with a, b:
+        client = _Client(1, 0, a)
+        ev1, ev2 = b"E" * 24, b"F" * 30
+        frames = [b"R" * 16, ev1, b"S" * 20, ev2]
+        client.events.update((ev1, ev2))
+        client.place(frames, [(1, ev1), (3, ev2)])
+        assert list(client.marks) == [(40, ev1), (90, ev2)]
+        client.out += b"".join(frames)
+        del client.out[:39]
+        client.advance(39)
+        assert client.events == {ev1, ev2}
+        del client.out[:1]
+        client.advance(1)
+        assert client.events == {ev2}
+        del client.out[:49]
+        client.advance(49)
+        assert client.events == {ev2}
+        client.out.clear()
+        client.advance(1)
+        assert client.events == set() and not client.marks
 
 
 # --------------------------------------------------------------------------- domains

@@ -17,6 +17,10 @@ Memory bounds, per connection:
 * replies: after a batch of requests the connection's task writes the replies itself
   before it reads more, so a client that sends without reading stalls only itself
   (the kernel socket buffers fill, then it stops being read);
+* watch events: as in cxenstored 4.17 (XSA-326), an event is not queued for a
+  connection while a byte-identical one (same ``path\0token\0``) is still waiting
+  there unsent; events on ``@`` paths are exempt.  A client that does not read thus
+  gets one event per distinct change, not one per write, once it reads again;
 * watch events caused by other connections are queued for the connection's writer.
   If the unsent bytes of a connection exceed ``max_pending_bytes`` (default
   2.5 MiB, cxenstored's hard per-domain memory quota, past which cxenstored stops
@@ -37,6 +41,7 @@ import stat
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +49,7 @@ from typing import Any
 import trio
 
 from kvpfs.peers.xenstored.store import Quotas, Store
-from kvpfs.xenstore.protocol import HEADER, XENSTORE_PAYLOAD_MAX
+from kvpfs.xenstore.protocol import HEADER, XENSTORE_PAYLOAD_MAX, Op
 
 __all__ = [
     "DEFAULT_MAX_PENDING_BYTES",
@@ -70,6 +75,10 @@ _DONE = 2
 _MORE = 3
 _now = time.perf_counter
 _HEADER_SIZE = HEADER.size
+#: First byte of a watch event frame (its type; every reply type is below 256).
+_EVENT = int(Op.WATCH_EVENT)
+#: First payload byte of a special event (``@introduceDomain``...), never merged.
+_AT = ord("@")
 _unpack_header = HEADER.unpack_from
 
 
@@ -229,7 +238,10 @@ class _Client:
         "conn_id",
         "domid",
         "drained",
+        "events",
+        "marks",
         "out",
+        "sent",
         "sock",
         "wake",
     )
@@ -240,6 +252,14 @@ class _Client:
         self.sock = sock
         #: Bytes accepted for this client and not yet taken by the kernel.
         self.out = bytearray()
+        #: Bytes handed to the kernel so far: ``out[0]`` is byte ``sent`` of the stream.
+        self.sent = 0
+        #: Watch events accepted and not yet wholly handed to the kernel (XSA-326:
+        #: an identical one is not queued again); ``@`` events are not kept here.
+        self.events: set[bytes] = set()
+        #: ``(end, frame)`` of each event in ``events`` once placed in the stream:
+        #: it has left when ``sent`` reaches ``end``.
+        self.marks: deque[tuple[int, bytes]] = deque()
         #: The start of a request whose rest has not arrived yet.
         self.buf = b""
         #: The socket would block: the writer task owns sending until ``out`` drains.
@@ -254,6 +274,41 @@ class _Client:
         """End the connection at its tasks' next checkpoint."""
         self.closing = True
         self.cancel.cancel()
+
+    def discard_output(self) -> None:
+        """Forget everything unsent (the connection is being dropped)."""
+        self.sent += len(self.out)
+        self.out.clear()
+        self.events.clear()
+        self.marks.clear()
+
+    def advance(self, sent: int) -> None:
+        """``sent`` more bytes were handed to the kernel (and removed from ``out``)."""
+        self.sent += sent
+        marks = self.marks
+        if not marks:
+            return
+        if not self.out:
+            # All of it: every queued event has left.
+            marks.clear()
+            self.events.clear()
+            return
+        done = self.sent
+        events = self.events
+        while marks and marks[0][0] <= done:
+            events.discard(marks.popleft()[1])
+
+    def place(self, frames: list[bytes], events: list[tuple[int, bytes]]) -> None:
+        """Note where the events among ``frames`` (``(index, frame)``) end in the
+        stream, ``frames`` being the next bytes after those queued."""
+        pos = self.sent + len(self.out)
+        marks = self.marks
+        i = 0
+        for index, frame in events:
+            while i <= index:
+                pos += len(frames[i])
+                i += 1
+            marks.append((pos, frame))
 
 
 class XenstoredServer:
@@ -523,12 +578,14 @@ class XenstoredServer:
         max_pending = self.max_pending_bytes
         pos = 0
         own: list[bytes] = []
+        #: (index in own, frame) of the merge-tracked events among own.
+        own_events: list[tuple[int, bytes]] = []
         while end - pos >= _HEADER_SIZE:
             mtype, req_id, tx_id, length = _unpack_header(view, pos)
             if length > XENSTORE_PAYLOAD_MAX:
                 # cxenstored drops a connection announcing an oversized payload.
                 self.stats.dropped_oversized += 1
-                self._send_batch(client, own)
+                self._send_batch(client, own, own_events)
                 return _ENDED
             stop = pos + _HEADER_SIZE + length
             if stop > end:
@@ -537,6 +594,14 @@ class XenstoredServer:
             pos = stop
             for target, frame in store_handle(conn_id, mtype, req_id, tx_id, payload):
                 if target == conn_id:
+                    if frame[0] == _EVENT:
+                        # XSA-326: not queued again while an identical one waits.
+                        events = client.events
+                        if frame in events:
+                            continue
+                        if frame[_HEADER_SIZE] != _AT:
+                            events.add(frame)
+                            own_events.append((len(own), frame))
                     if not own and dirty:
                         # Sent after the connections queued before it.
                         dirty[conn_id] = client
@@ -545,33 +610,49 @@ class XenstoredServer:
                 other = clients.get(target)
                 if other is None:
                     continue
-                other.out += frame
-                if len(other.out) > max_pending:
+                # Only events go to other connections.
+                events = other.events
+                if frame in events:
+                    continue
+                out = other.out
+                out += frame
+                if frame[_HEADER_SIZE] != _AT:
+                    events.add(frame)
+                    other.marks.append((other.sent + len(out), frame))
+                if len(out) > max_pending:
                     self._drop_backlogged(other)
                 else:
                     dirty[target] = other
         # The receive buffer is shared by all connections: keep the leftover.
         client.buf = view[pos:end].tobytes() if pos < end else b""
-        self._send_batch(client, own)
+        self._send_batch(client, own, own_events)
         return state
 
-    def _send_batch(self, client: _Client, own: list[bytes]) -> None:
+    def _send_batch(
+        self, client: _Client, own: list[bytes], own_events: list[tuple[int, bytes]]
+    ) -> None:
         """Send what a batch of ``client``'s requests produced (``own``: the frames
-        for ``client``), in the order the connections got their first bytes, so
-        that the events a request causes elsewhere go before its reply."""
+        for ``client``, ``own_events`` the tracked events among them), in the order
+        the connections got their first bytes, so that the events a request causes
+        elsewhere go before its reply."""
         if own and client.conn_id not in self._dirty:
             # Its first frame came before any other connection's.
-            self._send_frames(client, own)
+            self._send_frames(client, own, own_events)
         if self._dirty:
-            self._flush_dirty(client, own)
+            self._flush_dirty(client, own, own_events)
 
     def _drop_backlogged(self, client: _Client) -> None:
         self.stats.dropped_backlog += 1
-        client.out.clear()
+        client.discard_output()
         self._dirty.pop(client.conn_id, None)
         client.close()
 
-    def _flush_dirty(self, me: _Client | None = None, own: list[bytes] | None = None) -> None:
+    def _flush_dirty(
+        self,
+        me: _Client | None = None,
+        own: list[bytes] | None = None,
+        own_events: list[tuple[int, bytes]] | None = None,
+    ) -> None:
         """Hand every queued byte to the kernel without blocking, a connection at a
         time in the order they were queued; a socket that is full is passed to its
         writer task.  ``own`` holds the frames for ``me``, whose batch this is:
@@ -579,12 +660,19 @@ class XenstoredServer:
         dirty = self._dirty
         for client in list(dirty.values()):
             if client is me and own:
-                self._send_frames(client, own)
+                self._send_frames(client, own, own_events)
             elif not client.blocked:
                 self._send(client, client.out)
         dirty.clear()
 
-    def _send_frames(self, client: _Client, frames: list[bytes]) -> None:
+    def _send_frames(
+        self,
+        client: _Client,
+        frames: list[bytes],
+        events: list[tuple[int, bytes]] | None = None,
+    ) -> None:
+        if events:
+            client.place(frames, events)
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         if client.out or client.blocked:
             # Behind bytes already queued: keep the order.
@@ -602,19 +690,23 @@ class XenstoredServer:
         except BlockingIOError:
             sent = 0
         except OSError:
-            client.out.clear()
+            client.discard_output()
             client.close()
             return
         out = client.out
         if data is out:
             if sent == len(out):
                 out.clear()
+                client.advance(sent)
                 return
             del out[:sent]
+            client.advance(sent)
         elif sent == len(data):
+            client.advance(sent)
             return
         else:
             out += memoryview(data)[sent:]
+            client.advance(sent)
         client.blocked = True
         client.drained = trio.Event()
         client.wake.set()
@@ -635,6 +727,7 @@ class XenstoredServer:
                     client.close()
                     return
                 del out[:sent]
+                client.advance(sent)
             client.blocked = False
             client.drained.set()
 
