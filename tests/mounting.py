@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -26,6 +26,15 @@ DEFAULT_TIMEOUT = 20.0
 async def in_thread(fn: Callable[..., T], *args: Any, timeout: float = DEFAULT_TIMEOUT) -> T:
     with trio.fail_after(timeout):
         return await trio.to_thread.run_sync(lambda: fn(*args), abandon_on_cancel=True)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 2.0, interval: float = 0.01
+) -> None:
+    """Wait until ``check()`` is true, failing the test after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while not await check():
+            await trio.sleep(interval)
 
 
 async def sh(

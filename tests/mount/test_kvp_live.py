@@ -6,11 +6,10 @@ import errno
 import os
 
 import pytest
-import trio
 
 from kvpfs.fs.operations import FsOptions
 from tests.mount.kvp_fixtures import Pools, mount_kvp, rec
-from tests.mounting import in_thread, read_bytes, sh
+from tests.mounting import eventually, in_thread, read_bytes, sh
 
 pytestmark = pytest.mark.mount
 
@@ -24,12 +23,6 @@ def stat_errno(path: str) -> int:
     except OSError as exc:
         return exc.errno or 0
     return 0
-
-
-async def eventually(check, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(timeout):
-        while not await check():
-            await trio.sleep(0.02)
 
 
 async def test_daemon_style_rewrite_is_seen(mount, pools: Pools) -> None:

@@ -141,12 +141,6 @@ def errno_of(fn: Callable[..., object], *args: object) -> int:
     return 0
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 2.0) -> None:
-    with trio.fail_after(timeout):
-        while not await check():
-            await trio.sleep(0.01)
-
-
 # --------------------------------------------------------------------------- restartable
 
 

@@ -14,8 +14,8 @@ from collections import Counter
 import pytest
 
 from kvpfs.fs.operations import FsOptions
-from tests.mounting import in_thread, sh
-from tests.xsmount.conftest import XsMountFactory, errno_of, eventually, xs, xs_write
+from tests.mounting import eventually, in_thread, sh
+from tests.xsmount.conftest import XsMountFactory, errno_of, xs, xs_write
 
 pytestmark = pytest.mark.mount
 
