@@ -13,11 +13,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from kvpfs import __version__
 from kvpfs.config import MountConfig, parse_mount_options, parse_source
 from kvpfs.errors import UsageError, one_line
+
+if TYPE_CHECKING:
+    from kvpfs.xenstore.lsformat import DumpedNode
 
 log = logging.getLogger("kvpfs")
 
@@ -354,12 +357,19 @@ def _domain_socket(text: str) -> tuple[int, str]:
     return int(domid), path
 
 
-def run_xenstored(argv: Sequence[str]) -> int:
-    """``kvpfs xenstored --socket PATH``: the embedded xenstored in the foreground."""
+def _domain(text: str) -> tuple[int, str]:
+    domid, sep, name = text.partition(":")
+    if not sep or not domid.isdigit() or not name or not 0 < int(domid) < 0x7FF0:
+        raise argparse.ArgumentTypeError(f"expected ID:NAME with a guest domid, got {text!r}")
+    return int(domid), name
+
+
+def xenstored_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="kvpfs xenstored",
         description="Run kvpfs's embedded xenstored (cxenstored 4.17 compatible) until "
-        "SIGINT/SIGTERM. Prints XENSTORED_PATH=... for the xenstore-* clients.",
+        "SIGINT/SIGTERM. Prints XENSTORED_PATH=... for the xenstore-* clients once it "
+        "answers (and the tree is seeded).",
     )
     p.add_argument("--socket", required=True, metavar="PATH", help="privileged (dom0) socket")
     p.add_argument(
@@ -376,28 +386,101 @@ def run_xenstored(argv: Sequence[str]) -> int:
         default="xenstored",
         help="starting tree: as cxenstored starts, or with dom0 and guest domain 1",
     )
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        type=_domain,
+        metavar="ID:NAME",
+        help="also introduce guest ID, laid out as domain creation leaves it (repeatable)",
+    )
+    p.add_argument(
+        "--load",
+        metavar="FILE",
+        help="replace the tree with the output of 'xenstore-ls -f -p' saved in FILE "
+        "('-': standard input)",
+    )
+    p.add_argument(
+        "--dump",
+        metavar="FILE",
+        help="at exit, write the tree to FILE ('-': standard output) in the same format",
+    )
+    return p
+
+
+def _read_dump(path: str) -> list[DumpedNode]:
+    from kvpfs.xenstore.lsformat import DumpError, parse_dump
+
+    try:
+        if path == "-":
+            text = sys.stdin.buffer.read().decode("latin-1")
+        else:
+            with open(path, "rb") as f:
+                text = f.read().decode("latin-1")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return parse_dump(text)
+    except DumpError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def _write_dump(path: str, nodes: list[DumpedNode]) -> None:
+    from kvpfs.xenstore.lsformat import format_dump
+
+    data = format_dump(nodes).encode("latin-1")
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def run_xenstored(argv: Sequence[str]) -> int:
+    """``kvpfs xenstored --socket PATH``: the embedded xenstored in the foreground."""
+    args = xenstored_parser().parse_args(argv)
+    seed = _read_dump(args.load) if args.load else None
     import signal
 
     import trio
 
     from kvpfs.peers.xenstored.server import serve_xenstored
+    from kvpfs.vbd.toolstack import create_domain
+    from kvpfs.xenstore.client import XenStoreClient
+    from kvpfs.xenstore.seed import dump_tree, load_tree
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(
+                server = await nursery.start(
                     functools.partial(
                         serve_xenstored,
                         args.socket,
                         dict(args.domain_socket),
                         initial=args.initial,
-                        print_path=True,
                     )
                 )
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
+                async with XenStoreClient(args.socket) as client:
+                    if seed is not None:
+                        await load_tree(client, seed)
+                    for domid, name in args.domain:
+                        await create_domain(client, domid, name)
+                        # No real ring or event channel here; xenstored only
+                        # requires a port above 0 (as cxenstored).
+                        await client.introduce(domid, 0, 1)
+                    # Only now: a script waiting for this line finds the tree seeded.
+                    print(f"XENSTORED_PATH={server.socket_path}", flush=True)
+                    for domid, path in server.domain_sockets.items():
+                        print(f"XENSTORED_DOMAIN_PATH_{domid}={path}", flush=True)
+                    async for _ in signals:
+                        break
+                    if args.dump:
+                        _write_dump(args.dump, await dump_tree(client))
+                nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)

@@ -48,9 +48,9 @@ from typing import Any
 
 import trio
 
-from kvpfs.vbd.layout import dom0_ops, domain_creation_ops, xbdback_name
+from kvpfs.vbd.layout import xbdback_name
 from kvpfs.vbd.states import XenbusState, parse_state, state_name
-from kvpfs.vbd.toolstack import apply_op
+from kvpfs.vbd.toolstack import create_domain
 from kvpfs.xenstore.client import (
     Transaction,
     WatchGap,
@@ -749,7 +749,7 @@ class SimulatedXen:
             trio.open_nursery() as nursery,
         ):
             for domid, name in self.create_domains:
-                await _create_domain(be_client, domid, name)
+                await create_domain(be_client, domid, name)
             self.backend = SimulatedXbdback(
                 be_client, backend_domid=self.backend_domid, play_hotplug=self.play_hotplug
             )
@@ -757,28 +757,3 @@ class SimulatedXen:
             await nursery.start(self.backend.run)
             await nursery.start(self.frontend.run)
             task_status.started()
-
-
-async def _create_domain(client: XenStoreClient, domid: int, name: str) -> None:
-    """Play domain creation for ``domid`` unless its home exists (in one transaction)."""
-
-    async def fn(tx: Transaction) -> None:
-        try:
-            await tx.read(f"/local/domain/{domid}")
-            return
-        except XenStoreError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-        ops = domain_creation_ops(domid, name)
-        if domid != 0:
-            try:
-                await tx.read("/local/domain/0/name")
-            except XenStoreError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                ops = dom0_ops() + ops
-        for op in ops:
-            await apply_op(tx, op)
-        log.info("simulated host: created domain %d (%s)", domid, name)
-
-    await client.run_in_transaction(fn)

@@ -44,6 +44,8 @@ from kvpfs.vbd.layout import (
     cleanup_parents_stop,
     closing_ops,
     device_paths,
+    dom0_ops,
+    domain_creation_ops,
     unsupported_reason,
 )
 from kvpfs.vbd.states import XenbusState, parse_state, state_name
@@ -414,3 +416,29 @@ async def cleanup(tx: Transaction, path: str) -> None:
             return
         await tx.rm(parent)
         parent = parent.rpartition("/")[0]
+
+
+async def create_domain(client: XenStoreClient, domid: int, name: str) -> None:
+    """Lay out ``domid``'s home as libxl's domain creation does, unless it exists
+    (one transaction; dom0's home too when it is missing)."""
+
+    async def fn(tx: Transaction) -> None:
+        try:
+            await tx.read(f"/local/domain/{domid}")
+            return
+        except XenStoreError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        ops = domain_creation_ops(domid, name)
+        if domid != 0:
+            try:
+                await tx.read("/local/domain/0/name")
+            except XenStoreError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                ops = dom0_ops() + ops
+        for op in ops:
+            await apply_op(tx, op)
+        log.info("created domain %d (%s)", domid, name)
+
+    await client.run_in_transaction(fn)
