@@ -3,6 +3,7 @@ domain sockets, cancellation and shutdown."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -295,6 +296,69 @@ async def test_print_path_and_stale_socket_replaced(
         nursery.cancel_scope.cancel()
     assert capsys.readouterr().out == f"XENSTORED_PATH={sock}\n"
     assert not os.path.exists(sock)
+
+
+async def test_second_server_on_a_live_socket_fails_and_leaves_the_first_alone(
+    tmp_path: Path,
+) -> None:
+    sock = str(tmp_path / "xs.sock")
+    dom = str(tmp_path / "d3.sock")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_xenstored(sock, task_status=task_status))
+            inode = os.stat(sock).st_ino
+            with pytest.raises(OSError) as caught:
+                await serve_xenstored(sock)
+            assert caught.value.errno == errno.EADDRINUSE
+            assert os.strerror(caught.value.errno) == "Address already in use"
+            # Nor when the busy path is not the first one it binds: what it bound
+            # before is removed, the first server's socket is not.
+            with pytest.raises(OSError) as caught:
+                await serve_xenstored(dom, {3: sock})
+            assert caught.value.errno == errno.EADDRINUSE
+            assert not os.path.exists(dom)
+            assert os.stat(sock).st_ino == inode
+            assert await trio.to_thread.run_sync(_read_tool, sock) == b""
+            nursery.cancel_scope.cancel()
+    assert not os.path.exists(sock)
+
+
+def _read_tool(path: str) -> bytes:
+    with RawConn(path) as c:
+        return c.rq(Op.READ, z(b"/tool"))
+
+
+async def test_stale_socket_replaced_other_files_kept(tmp_path: Path) -> None:
+    sock = str(tmp_path / "xs.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(sock)
+    stale.close()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_xenstored(sock, task_status=task_status))
+            assert await trio.to_thread.run_sync(_read_tool, sock) == b""
+            nursery.cancel_scope.cancel()
+    assert not os.path.exists(sock)
+    plain = tmp_path / "plain"
+    plain.write_text("not a socket")
+    with pytest.raises(OSError) as caught:
+        await serve_xenstored(str(plain))
+    assert caught.value.errno == errno.EADDRINUSE
+    assert plain.read_text() == "not a socket"
+
+
+async def test_exit_removes_only_the_socket_it_created(tmp_path: Path) -> None:
+    """A socket file put in place of ours (after ours was removed) stays."""
+    sock = str(tmp_path / "xs.sock")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_xenstored(sock, task_status=task_status))
+            os.unlink(sock)
+            other = socket.socket(socket.AF_UNIX)
+            other.bind(sock)
+            nursery.cancel_scope.cancel()
+    assert os.path.exists(sock)
+    other.close()
 
 
 async def test_bind_failure_raises_and_leaves_nothing(tmp_path: Path) -> None:

@@ -347,7 +347,8 @@ class XenstoredServer:
         self.stats = ServerStats()
         self._clients: dict[int, _Client] = {}
         self._dirty: dict[int, _Client] = {}
-        self._bound: list[str] = []
+        #: (path, st_dev, st_ino) of each socket file this server created.
+        self._bound: list[tuple[str, int, int]] = []
         self._idle: _IdleLoop | None = None
         #: With _idle: every connection's socket (level-triggered), to find those
         #: with requests waiting (see _serve_others), and trio's epoll fd alone.
@@ -369,7 +370,9 @@ class XenstoredServer:
         """Bind every socket, report started, serve until cancelled.
 
         On the way out every client connection is closed and the socket files this
-        server created are removed.  A bind error is raised before anything runs.
+        server created are removed (not a file that has replaced one since).  A bind
+        error is raised before anything runs: ``EADDRINUSE`` when a server answers
+        on a path already.
         """
         listeners: list[tuple[_stdsocket.socket, int]] = []
         self._idle = _IdleLoop.install()
@@ -397,20 +400,26 @@ class XenstoredServer:
             for sock, _ in listeners:
                 trio.lowlevel.notify_closing(sock)
                 sock.close()
-            for path in self._bound:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            for path, dev, ino in self._bound:
+                _unlink_if_same(path, dev, ino)
             self._bound.clear()
 
     def _bind(self, path: str) -> _stdsocket.socket:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                # A socket file left by a previous run; cxenstored replaces it too.
-                os.unlink(path)
+        """A listening socket on ``path``.  A socket file nobody answers on (left by
+        a run that ended) is replaced; one a server answers on is not taken over
+        (``EADDRINUSE``), nor is any other kind of file."""
         sock = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
         try:
-            sock.bind(path)  # a local path: never blocks
-            self._bound.append(path)
+            try:
+                sock.bind(path)  # a local path: never blocks
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or not _stale_socket(path):
+                    raise
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                sock.bind(path)
+            st = os.lstat(path)
+            self._bound.append((path, st.st_dev, st.st_ino))
             sock.listen(128)
             sock.setblocking(False)
         except BaseException:
@@ -730,6 +739,37 @@ class XenstoredServer:
                 client.advance(sent)
             client.blocked = False
             client.drained.set()
+
+
+def _stale_socket(path: str) -> bool:
+    """Whether ``path`` is a socket file that no server answers on (or is gone)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return True
+    probe = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+    probe.setblocking(False)  # a full backlog must not block us: it means in use
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False  # busy (EAGAIN), another socket type, no access: not ours
+    finally:
+        probe.close()
+    return False
+
+
+def _unlink_if_same(path: str, dev: int, ino: int) -> None:
+    """Remove ``path`` if it still is the file (device, inode) this server created."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) == (dev, ino):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 async def serve_xenstored(
