@@ -44,6 +44,7 @@ from kvpfs.kvp.location import (
 from kvpfs.kvp.view import KvpView
 from kvpfs.peers.xendrivers import SimulatedXen
 from kvpfs.peers.xenstored.server import XenstoredServer, serve_xenstored
+from kvpfs.supervise import supervise
 from kvpfs.vbd.layout import DEFAULT_SCRIPT_DIR
 from kvpfs.vbd.view import VbdView
 from kvpfs.xenstore import locate
@@ -261,13 +262,14 @@ class Peers:
         self._running: list[_Peer] = []
 
     async def start(self, name: str, fn: Callable[..., Awaitable[Any]]) -> Any:
-        """``await nursery.start(fn)`` in a cancel scope of its own."""
+        """``await nursery.start(fn)`` in a cancel scope of its own; a failure after
+        it started is logged and ``fn`` runs again (:func:`kvpfs.supervise.supervise`)."""
         peer = _Peer(name)
 
         async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 with peer.scope:
-                    await fn(task_status=task_status)
+                    await supervise(name, fn, task_status=task_status)
             finally:
                 peer.done.set()
 

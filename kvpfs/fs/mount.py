@@ -7,6 +7,7 @@ second signal cancels everything, abandoning a handler stuck on a hung store.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ import trio
 
 from kvpfs.errors import UsageError, one_line
 from kvpfs.fs.operations import Operations
+from kvpfs.supervise import supervise
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,13 @@ async def serve(
                 # Views first, so that the mount answers from the moment it exists.
                 for view in ops.views.values():
                     try:
-                        await nursery.start(view.run, ops.invalidator)
+                        await nursery.start(
+                            functools.partial(
+                                supervise,
+                                f"the {view.name}/ view",
+                                functools.partial(view.run, ops.invalidator),
+                            )
+                        )
                     except Exception as exc:
                         # One line for the user: which view, and why (see one_line).
                         message = one_line(exc)

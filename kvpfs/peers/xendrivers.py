@@ -38,10 +38,12 @@ nodes of a device the toolstack just removed.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
 import stat
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +73,77 @@ SECTOR_SIZE = 512
 #: Block major of NetBSD's vnd(4) on amd64; image files get a simulated unit.
 VND_MAJOR = 14
 _STATE_RETRIES = 16
+
+
+#: Changes a driver may have queued before it stops counting and rescans instead.
+EVENT_QUEUE_LIMIT = 1 << 12
+
+
+class ChangeQueue:
+    """Paths a driver must look at, bounded.
+
+    A burst of changes (a toolstack writing a thousand domains) must not grow a
+    queue without limit nor end the driver: past ``limit`` queued paths, or on a
+    gap in a watch (:class:`WatchGap`), the queue becomes one *gap* (None), and
+    the consumer rescans everything it watches, as after a watch overflow.
+    """
+
+    def __init__(self, limit: int = EVENT_QUEUE_LIMIT) -> None:
+        self._limit = limit
+        self._paths: deque[str] = deque()
+        self._gap = False
+        self._wake = trio.Event()
+        #: Times the queue collapsed into a gap (for tests and the log).
+        self.overflows = 0
+
+    def put(self, path: str | None) -> None:
+        if path is None or len(self._paths) >= self._limit:
+            if path is not None:
+                self.overflows += 1
+            self._paths.clear()
+            self._gap = True
+        elif not self._gap:
+            self._paths.append(path)
+        self._wake.set()
+
+    def get_nowait(self) -> str | None:
+        """The next path, or None for a gap; :class:`trio.WouldBlock` when empty."""
+        if self._gap:
+            self._gap = False
+            return None
+        if self._paths:
+            return self._paths.popleft()
+        raise trio.WouldBlock
+
+    async def get(self) -> str | None:
+        while True:
+            try:
+                return self.get_nowait()
+            except trio.WouldBlock:
+                self._wake = trio.Event()
+                await self._wake.wait()
+
+
+async def forward_watch(
+    client: XenStoreClient,
+    path: str,
+    queue: ChangeQueue,
+    *,
+    skip_initial: bool = False,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Put every event of a watch on ``path`` into ``queue`` (a gap as None)."""
+    async with client.watch(path) as watch:
+        task_status.started()
+        initial = skip_initial
+        async for item in watch:
+            if initial and not isinstance(item, WatchGap):
+                # The registration's own event: the consumer reads everything
+                # after registering anyway.
+                initial = False
+                continue
+            initial = False
+            queue.put(None if isinstance(item, WatchGap) else item.path)
 
 
 class _Gone(Exception):
@@ -111,27 +184,15 @@ class _Tracker:
     extra: dict[str, bytes | None] = field(default_factory=dict)
     #: Progress so far: a drop back to Initialising means the device was re-created.
     phase: int = XenbusState.INITIALISING
-    _send: trio.MemorySendChannel[str | None] | None = None
-    _recv: trio.MemoryReceiveChannel[str | None] | None = None
+    changes: ChangeQueue = field(default_factory=ChangeQueue)
 
     async def start(self, nursery: trio.Nursery, watched: Sequence[str]) -> None:
-        self._send, self._recv = trio.open_memory_channel[str | None](1 << 16)
         for path in watched:
-            await nursery.start(self._forward, path)
-
-    async def _forward(self, path: str, *, task_status: trio.TaskStatus[None]) -> None:
-        assert self._send is not None
-        async with self.client.watch(path) as watch:
-            task_status.started()
-            initial = True
-            async for item in watch:
-                if initial and not isinstance(item, WatchGap):
-                    # The registration's own event: refresh_all() follows the
-                    # registration and reads everything anyway.
-                    initial = False
-                    continue
-                initial = False
-                self._send.send_nowait(None if isinstance(item, WatchGap) else item.path)
+            await nursery.start(
+                functools.partial(
+                    forward_watch, self.client, path, self.changes, skip_initial=True
+                )
+            )
 
     async def refresh_all(self) -> None:
         paths = [f"{self.own}/state", f"{self.peer}/state", *self.extra]
@@ -172,13 +233,12 @@ class _Tracker:
 
     async def wait(self, done: Callable[[], bool]) -> None:
         """Process events until ``done()``; raises :class:`_Gone`."""
-        assert self._recv is not None
         self._check()
         while not done():
-            await self._refresh(await self._recv.receive())
+            await self._refresh(await self.changes.get())
             while True:  # coalesce what is already queued
                 try:
-                    path = self._recv.receive_nowait()
+                    path = self.changes.get_nowait()
                 except trio.WouldBlock:
                     break
                 await self._refresh(path)
@@ -245,32 +305,25 @@ class _Driver:
         """Serve until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            send, recv = trio.open_memory_channel[str | None](1 << 16)
+            changes = ChangeQueue()
             for watched in self._watch_paths():
-                await nursery.start(self._forward, watched, send)
+                await nursery.start(forward_watch, self.client, watched, changes)
             for key in await self._scan():
                 self._kick(key, start=True)
             task_status.started()
-            async for event in recv:
+            overflows = 0
+            while True:
+                event = await changes.get()
                 if event is None:
+                    if changes.overflows != overflows:
+                        overflows = changes.overflows
+                        log.info("%s: more changes than queued; rescanning", self._what)
                     for key in await self._scan():
                         self._kick(key, start=True)
                     continue
                 m = self._pattern.match(event)
                 if m is not None:
                     self._kick((int(m.group(1)), int(m.group(2))), start=bool(m.group(3)))
-
-    async def _forward(
-        self,
-        path: str,
-        send: trio.MemorySendChannel[str | None],
-        *,
-        task_status: trio.TaskStatus[None],
-    ) -> None:
-        async with self.client.watch(path) as watch:
-            task_status.started()
-            async for item in watch:
-                send.send_nowait(None if isinstance(item, WatchGap) else item.path)
 
     def _kick(self, key: tuple[int, int], *, start: bool) -> None:
         dev = self._devices.get(key)
