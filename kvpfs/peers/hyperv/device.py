@@ -71,7 +71,7 @@ class DeviceState(enum.Enum):
 
 @dataclass(eq=False)
 class _Transaction:
-    request: m.HostRequest | None
+    request: m.HostRequest | m.HostIpRequest | None
     op: int
     done: trio.Event = field(default_factory=trio.Event)
     reply: m.HostReply | None = None
@@ -233,7 +233,12 @@ class KvpDevice:
             raise FsError(errno.EINVAL, "no request is waiting for a reply")
         pending, self._pending = self._pending, None
         self.state = DeviceState.READY
-        reply = m.kernel_reply(pending.op, message, legacy=self.registered_op == m.OP_REGISTER)
+        reply = m.kernel_reply(
+            pending.op,
+            message,
+            legacy=self.registered_op == m.OP_REGISTER,
+            request=pending.request,
+        )
         pending.finish(reply, message)
         self._signal()
         return len(data)
@@ -265,7 +270,7 @@ class KvpDevice:
 
     async def transact(
         self,
-        request: m.HostRequest | None = None,
+        request: m.HostRequest | m.HostIpRequest | None = None,
         *,
         raw: bytes | None = None,
         op: int | None = None,

@@ -9,9 +9,10 @@ Three parties take part in a KVP exchange on a Hyper-V guest:
 * **hv_kvp_daemon** reads requests and writes replies of exactly that size.
 
 This module is the byte layout of the daemon-side message (:func:`encode`,
-:func:`decode_request`, :func:`decode_reply`) and the kernel's two conversions
-(:func:`kernel_request`, :func:`kernel_reply`), with their exact truncation and
-error rules.  No I/O: :mod:`kvpfs.peers.hyperv.device` runs it.
+:func:`decode_request`, :func:`decode_reply`), the host's side of an IP request
+(``struct hv_kvp_ip_msg``: :func:`encode_host_ip`, :func:`decode_host_ip`) and the
+kernel's two conversions (:func:`kernel_request`, :func:`kernel_reply`), with their
+exact truncation and error rules.  No I/O: :mod:`kvpfs.peers.hyperv.device` runs it.
 
 Layout (integers little-endian ``u32`` unless noted; the header is overlaid by the
 reply's ``int error``)::
@@ -35,6 +36,17 @@ The conversion rules, both ways:
 * daemon → host (:func:`utf8_to_utf16`): at most 254 UTF-16 units of key and
   1022 of value, a clean prefix.  Invalid UTF-8 met before the limit fails the
   whole reply with ``HV_E_FAIL``, which ends the host's enumeration of the pool.
+
+IP requests (``process_ib_ipinfo`` / ``process_ob_ipinfo`` in ``hv_kvp.c``) carry
+``struct hv_kvp_ipaddr_value``.  On the host's side (:class:`IpValue`) its strings
+are UTF-16 arrays of 128 (adapter id), 1024 (addresses, subnets, DNS) and 512
+(gateways) units; the kernel converts them for the daemon into UTF-8 in the same
+arrays, at most 128, 1024 and 512 bytes.  A GET_IP_INFO passes only the adapter
+id and ``addr_family``; a SET_IP_INFO passes everything.  The daemon's answer to
+a GET goes back the same way (at most 1024/1024/512/1024 units, the adapter id
+too), written over the host's own request, together with ``dhcp_enabled`` and
+``addr_family``; invalid UTF-8 makes it ``HV_E_FAIL``.  A SET's answer is the
+status alone.  Lists inside the strings are separated by ``;``.
 """
 
 from __future__ import annotations
@@ -527,6 +539,8 @@ class HostReply:
     key: str | None = None
     #: ENUMERATE and GET: the value as the host receives it.
     value: str | None = None
+    #: GET_IP_INFO: the host's buffer after the kernel wrote the daemon's answer in.
+    ip: IpValue | None = None
 
 
 def _host_string(text: str) -> list[int]:
@@ -557,7 +571,7 @@ def delivered(request: HostRequest) -> tuple[bytes, bytes]:
     return key, value
 
 
-def kernel_request(request: HostRequest) -> bytes:
+def kernel_request(request: HostRequest | HostIpRequest) -> bytes:
     """The message the kernel queues for the daemon, built as ``kvp_send_key`` does.
 
     The buffer starts zeroed; only operation, pool and the fields of the operation
@@ -565,7 +579,9 @@ def kernel_request(request: HostRequest) -> bytes:
     """
     op, pool = request.op, request.pool
     message: Message
-    if op == Op.SET:
+    if isinstance(request, HostIpRequest):
+        message = delivered_ip(request)
+    elif op == Op.SET:
         key, value = delivered(request)
         known = request.value_type in (REG_SZ, REG_U32, REG_U64)
         message = KeyValueMessage(
@@ -585,21 +601,33 @@ def kernel_request(request: HostRequest) -> bytes:
 
 
 def kernel_reply(
-    op: int, data: bytes | bytearray | memoryview, *, legacy: bool = False
+    op: int,
+    data: bytes | bytearray | memoryview,
+    *,
+    legacy: bool = False,
+    request: HostRequest | HostIpRequest | None = None,
 ) -> HostReply:
     """What the host gets for the daemon's reply ``data`` to a request of ``op``.
 
     As ``kvp_on_msg`` + ``kvp_respond_to_host``: the status is the header (a legacy
     daemon, registered with op 4, signals failure by an empty key instead); a failed
-    request carries nothing else; SET and DELETE carry only the status; ENUMERATE
-    converts key and value to UTF-16 (254 and 1022 units), and GET the value, read
-    at the ENUMERATE offset, which leaves a GET's answer empty in practice.
+    request carries nothing else; SET, DELETE and SET_IP_INFO carry only the status;
+    ENUMERATE converts key and value to UTF-16 (254 and 1022 units), and GET the
+    value, read at the ENUMERATE offset, which leaves a GET's answer empty in
+    practice.  GET_IP_INFO converts the ``struct hv_kvp_ipaddr_value`` over the
+    host's ``request`` (:func:`host_ip_reply`).
     """
     _check_size(data)
     if legacy:
         status = int(Status.S_CONT) if data[ENUM_KEY_AT] == 0 else int(Status.OK)
     else:
         (status,) = _U32.unpack_from(data, 0)
+    if status == Status.OK and op == Op.GET_IP_INFO:
+        host_request = request if isinstance(request, HostIpRequest) else HostIpRequest(op)
+        try:
+            return HostReply(status, ip=host_ip_reply(host_request, data))
+        except ConversionError:
+            return HostReply(int(Status.E_FAIL))
     if status != Status.OK or op in (Op.SET, Op.DELETE, Op.SET_IP_INFO, Op.GET_IP_INFO):
         return HostReply(status)
     try:
@@ -610,6 +638,183 @@ def kernel_reply(
     except ConversionError:
         return HostReply(int(Status.E_FAIL))
     return HostReply(status, key, value)
+
+
+# -- IP information: struct hv_kvp_ipaddr_value ---------------------------------------------
+
+#: ``sizeof(struct hv_kvp_ip_msg)``: operation, pool and the value, on the host's side.
+HOST_IP_MSG_SIZE = 2 + 2 * MAX_ADAPTER_ID_SIZE + 2 + 2 * (3 * MAX_IP_ADDR_SIZE + MAX_GATEWAY_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class IpValue:
+    """``struct hv_kvp_ipaddr_value`` as the host fills and reads it.
+
+    Strings are the host's UTF-16 (Python ``str``, lone surrogates allowed), each
+    cut at its first NUL; lists inside them are separated by ``;``.
+    ``addr_family`` is a mask of ``ADDR_FAMILY_IPV4`` and ``ADDR_FAMILY_IPV6``.
+    """
+
+    adapter_id: str = ""
+    addr_family: int = ADDR_FAMILY_NONE
+    dhcp_enabled: int = 0
+    ip_addr: str = ""
+    sub_net: str = ""
+    gate_way: str = ""
+    dns_addr: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HostIpRequest:
+    """A GET_IP_INFO or SET_IP_INFO as the host sends it."""
+
+    op: int
+    value: IpValue = IpValue()
+    pool: int = 0
+
+
+# Host side, in bytes from the start of struct hv_kvp_ip_msg: (field, offset, units).
+_HOST_IP_ADAPTER = ("adapter_id", 2, MAX_ADAPTER_ID_SIZE)
+_HOST_IP_FAMILY_AT = 2 + 2 * MAX_ADAPTER_ID_SIZE
+_HOST_IP_DHCP_AT = _HOST_IP_FAMILY_AT + 1
+_HOST_IP_STRINGS = (
+    _HOST_IP_ADAPTER,
+    ("ip_addr", _HOST_IP_DHCP_AT + 1, MAX_IP_ADDR_SIZE),
+    ("sub_net", _HOST_IP_DHCP_AT + 1 + 2 * MAX_IP_ADDR_SIZE, MAX_IP_ADDR_SIZE),
+    ("gate_way", _HOST_IP_DHCP_AT + 1 + 4 * MAX_IP_ADDR_SIZE, MAX_GATEWAY_SIZE),
+    (
+        "dns_addr",
+        _HOST_IP_DHCP_AT + 1 + 4 * MAX_IP_ADDR_SIZE + 2 * MAX_GATEWAY_SIZE,
+        MAX_IP_ADDR_SIZE,
+    ),
+)
+#: Daemon side: where the same strings sit in struct hv_kvp_msg (the kernel's inbound
+#: conversion writes at most as many UTF-8 bytes as the host's field has units).
+_DAEMON_IP_AT = {
+    "adapter_id": _IP_ADAPTER_AT,
+    "ip_addr": _IP_ADDR_AT,
+    "sub_net": _IP_SUBNET_AT,
+    "gate_way": _IP_GATEWAY_AT,
+    "dns_addr": _IP_DNS_AT,
+}
+#: How many UTF-16 units the outbound conversion may write (process_ob_ipinfo): the
+#: adapter id gets MAX_IP_ADDR_SIZE, more than its own field holds.
+_OUTBOUND_UNITS = {
+    "adapter_id": MAX_IP_ADDR_SIZE,
+    "ip_addr": MAX_IP_ADDR_SIZE,
+    "sub_net": MAX_IP_ADDR_SIZE,
+    "gate_way": MAX_GATEWAY_SIZE,
+    "dns_addr": MAX_IP_ADDR_SIZE,
+}
+
+
+def ip_field_units(name: str) -> int:
+    """How many UTF-16 units the host's field ``name`` holds (NUL included)."""
+    for field_name, _, units in _HOST_IP_STRINGS:
+        if field_name == name:
+            return units
+    raise KeyError(name)
+
+
+def encode_host_ip(request: HostIpRequest) -> bytes:
+    """The host's ``struct hv_kvp_ip_msg``: 7428 bytes, strings in UTF-16LE.
+
+    A string may fill its whole field (then it has no NUL); a longer one is a
+    :class:`MessageError`.
+    """
+    value = request.value
+    if not (0 <= request.op <= 0xFF and 0 <= request.pool <= 0xFF):
+        raise MessageError(f"operation {request.op} or pool {request.pool} is not a u8")
+    if not (0 <= value.addr_family <= 0xFF and 0 <= value.dhcp_enabled <= 0xFF):
+        raise MessageError("addr_family and dhcp_enabled are u8")
+    buf = bytearray(HOST_IP_MSG_SIZE)
+    buf[0], buf[1] = request.op, request.pool
+    buf[_HOST_IP_FAMILY_AT] = value.addr_family
+    buf[_HOST_IP_DHCP_AT] = value.dhcp_enabled
+    for name, at, units in _HOST_IP_STRINGS:
+        raw = getattr(value, name).encode("utf-16-le", "surrogatepass")
+        _put(buf, at, 2 * units, raw, name)
+    return bytes(buf)
+
+
+def _units_at(data: bytes | bytearray, at: int, units: int) -> list[int]:
+    found = struct.unpack_from(f"<{units}H", data, at)
+    end = found.index(0) if 0 in found else units
+    return list(found[:end])
+
+
+def decode_host_ip(data: bytes | bytearray | memoryview) -> HostIpRequest:
+    """The host's view of a ``struct hv_kvp_ip_msg``: each string up to its NUL."""
+    if len(data) != HOST_IP_MSG_SIZE:
+        raise MessageError(f"a host IP message is {HOST_IP_MSG_SIZE} bytes, not {len(data)}")
+    raw = bytes(data)
+    strings = {
+        name: units_to_str(_units_at(raw, at, units)) for name, at, units in _HOST_IP_STRINGS
+    }
+    value = IpValue(
+        addr_family=raw[_HOST_IP_FAMILY_AT], dhcp_enabled=raw[_HOST_IP_DHCP_AT], **strings
+    )
+    return HostIpRequest(raw[0], value, raw[1])
+
+
+def _host_units(text: str, units: int, name: str) -> list[int]:
+    found = utf16_units(text)
+    if len(found) > units:
+        raise MessageError(f"{name} is {len(found)} UTF-16 units, its field holds {units}")
+    return found
+
+
+def delivered_ip(request: HostIpRequest) -> IpInfoMessage:
+    """What the daemon receives for a host IP request (``process_ib_ipinfo``).
+
+    The kernel converts the host's fields with ``utf16s_to_utf8s(field, MAX units,
+    ..., MAX bytes)`` into a zeroed message: a GET_IP_INFO carries the adapter id
+    (at most 128 bytes) and ``addr_family``; a SET_IP_INFO also the addresses,
+    subnets and DNS servers (1024 bytes each), the gateways (512) and
+    ``dhcp_enabled``.  Any other operation gets the header alone.
+    """
+    value = request.value
+    converted = {
+        name: utf16_to_utf8(_host_units(getattr(value, name), units, name), units)
+        for name, _, units in _HOST_IP_STRINGS
+    }
+    if request.op == Op.GET_IP_INFO:
+        return IpInfoMessage(request.op, request.pool, converted["adapter_id"], value.addr_family)
+    if request.op == Op.SET_IP_INFO:
+        return IpInfoMessage(
+            request.op,
+            request.pool,
+            converted["adapter_id"],
+            value.addr_family,
+            value.dhcp_enabled,
+            converted["ip_addr"],
+            converted["sub_net"],
+            converted["gate_way"],
+            converted["dns_addr"],
+        )
+    raise MessageError(f"operation {request.op} carries no IP information")
+
+
+def host_ip_reply(request: HostIpRequest, data: bytes | bytearray | memoryview) -> IpValue:
+    """The host's buffer after ``process_ob_ipinfo`` wrote the daemon's GET answer over
+    the host's own ``request``.
+
+    Each daemon string is read as C does (``strlen``: past its field if it has no
+    NUL) and converted to UTF-16 into the host's field: addresses, subnets, gateways
+    and DNS servers, then the adapter id, which may write up to 1024 units into its
+    128-unit field and so over what follows.  No NUL is written: a shorter answer
+    leaves the host's own bytes behind it.  ``dhcp_enabled`` and ``addr_family``
+    are copied last.  Invalid UTF-8 is a :class:`ConversionError` (``HV_E_FAIL``).
+    """
+    _check_size(data)
+    buf = bytearray(encode_host_ip(request))
+    for name, at, _ in (*_HOST_IP_STRINGS[1:], _HOST_IP_ADAPTER):
+        units = utf8_to_utf16(cstring(data, _DAEMON_IP_AT[name]), _OUTBOUND_UNITS[name])
+        raw = struct.pack(f"<{len(units)}H", *units)[: len(buf) - at]
+        buf[at : at + len(raw)] = raw
+    buf[_HOST_IP_DHCP_AT] = data[_IP_DHCP_AT]
+    buf[_HOST_IP_FAMILY_AT] = data[_IP_FAMILY_AT]
+    return decode_host_ip(buf).value
 
 
 def registration_reply(op: int) -> bytes:
