@@ -1,4 +1,4 @@
-"""The Hyper-V host, simulated: SET, DELETE, GET and ENUMERATE through the device.
+"""The Hyper-V host, simulated: SET, DELETE, GET, ENUMERATE and IP requests via the device.
 
 :class:`KvpHost` sends what an administrator's ``Add-VMKvpItem`` /
 ``Remove-VMKvpItem`` or the host's own KVP component would send, one request at
@@ -23,13 +23,31 @@ Strings are Python ``str`` on the host side, as the host's UTF-16 is.  What the
 daemon stores may differ: the kernel cuts host strings to 511/2047 UTF-8 bytes
 (:func:`kvpfs.peers.hyperv.message.delivered` tells in advance), and the host reads back
 at most 254/1022 UTF-16 units.
+
+IP requests (:meth:`KvpHost.get_ip_info`, :meth:`KvpHost.set_ip_info`) follow the
+same rules: one at a time with the others, the same waits.  The host knows its
+adapters (:attr:`KvpHost.adapters`: MAC and VMBus device GUID, as Hyper-V does);
+the guest may not have them.  The host's own rule: each list must fit its
+UTF-16 field (EINVAL).  The daemon's statuses become errnos by the same table:
+
+=====================  ========  ===============================================
+status                 errno     when (IP requests)
+=====================  ========  ===============================================
+``HV_E_FAIL``          EIO       GET: no interface has that MAC (or its addresses
+                                 do not fit); SET: the ifcfg file could not be
+                                 written or ``hv_set_ifconfig`` failed; the kernel:
+                                 no answer within its timeout
+``HV_GUID_NOTFOUND``   ENODEV    SET: no interface has that device GUID
+``HV_INVALIDARG``      EINVAL    SET: an item is not an IP address
+(no daemon)            ENOTCONN  no hv_kvp_daemon registered within ``connect_timeout``
+=====================  ========  ===============================================
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -37,6 +55,17 @@ import trio
 from kvpfs.errors import FsError
 from kvpfs.peers.hyperv import message as m
 from kvpfs.peers.hyperv.device import Exchange, KvpDevice
+from kvpfs.peers.hyperv.ipconfig import (
+    ConfigError,
+    IpConfig,
+    check_sizes,
+    from_value,
+    host_guid,
+    host_mac,
+    normalize_guid,
+    normalize_mac,
+    to_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +159,19 @@ def _host_string(text: str, limit: int, err: int, what: str) -> None:
         raise HostError(err, f"the {what} is {units} UTF-16 units, the host sends at most {limit}")
 
 
+@dataclass(frozen=True, slots=True)
+class Adapter:
+    """A network adapter the host gave the VM: its MAC and its VMBus device GUID
+    (both normalised: lower case, colons, no braces)."""
+
+    mac: str
+    guid: str
+
+    @classmethod
+    def of(cls, mac: str, guid: str) -> Adapter:
+        return cls(normalize_mac(mac), normalize_guid(guid))
+
+
 class KvpHost:
     """The host's side of KVP over one device."""
 
@@ -139,9 +181,14 @@ class KvpHost:
         *,
         connect_timeout: float = CONNECT_TIMEOUT,
         initial_items: Mapping[int, Mapping[str, str]] | None = None,
+        adapters: Sequence[Adapter] = (),
     ) -> None:
         self.device = device
         self.connect_timeout = connect_timeout
+        #: The VM's network adapters by MAC, as the host knows them.
+        self.adapters = {adapter.mac: adapter for adapter in adapters}
+        #: Called before each IP request (hostsim brings the guest's sysfs up to date).
+        self.before_ip_request: list[Callable[[], None]] = []
         #: Items the host sets once, after the daemon's first registration, as
         #: Hyper-V fills pool 3 when the VM starts (it does not resend them later).
         self.initial_items = {pool: dict(items) for pool, items in (initial_items or {}).items()}
@@ -165,7 +212,7 @@ class KvpHost:
 
     async def exchange(
         self,
-        request: m.HostRequest | None = None,
+        request: m.HostRequest | m.HostIpRequest | None = None,
         *,
         raw: bytes | None = None,
         op: int | None = None,
@@ -187,15 +234,15 @@ class KvpHost:
             self.requests += 1
             return await self.device.transact(request, raw=raw, op=op)
 
-    async def _checked(self, request: m.HostRequest) -> m.HostReply:
+    async def _checked(self, request: m.HostRequest | m.HostIpRequest) -> m.HostReply:
         reply = (await self.exchange(request)).reply
         err = status_errno(request.op, reply.status)
         if err:
-            raise HostError(
-                err,
-                f"{op_name(request.op)} on pool {request.pool}: {status_name(reply.status)}",
-                status=reply.status,
-            )
+            if isinstance(request, m.HostIpRequest):
+                what = f"{op_name(request.op)} for adapter {request.value.adapter_id}"
+            else:
+                what = f"{op_name(request.op)} on pool {request.pool}"
+            raise HostError(err, f"{what}: {status_name(reply.status)}", status=reply.status)
         return reply
 
     # -- the operations ------------------------------------------------------------------
@@ -289,6 +336,46 @@ class KvpHost:
                 status=result.end_status,
             )
         return None
+
+    # -- IP information ------------------------------------------------------------------
+
+    def _prepare_ip(self, request: m.HostIpRequest) -> None:
+        try:
+            m.encode_host_ip(request)
+        except m.MessageError as exc:
+            raise HostError(errno.EINVAL, str(exc)) from None
+        for hook in self.before_ip_request:
+            hook()
+
+    async def ip_request(self, request: m.HostIpRequest) -> m.HostReply:
+        """Send an IP request as it is (the adapter id as given); raise on failure."""
+        self._prepare_ip(request)
+        return await self._checked(request)
+
+    async def get_ip_info(self, mac: str) -> IpConfig:
+        """GET_IP_INFO: the configuration of the guest's adapter with MAC ``mac``."""
+        try:
+            adapter_id = host_mac(mac)
+        except ConfigError as exc:
+            raise HostError(errno.EINVAL, str(exc)) from None
+        reply = await self.ip_request(
+            m.HostIpRequest(m.Op.GET_IP_INFO, m.IpValue(adapter_id=adapter_id))
+        )
+        assert reply.ip is not None
+        return from_value(reply.ip)
+
+    async def set_ip_info(self, guid: str, config: IpConfig) -> None:
+        """SET_IP_INFO: inject ``config`` into the guest's adapter with device GUID ``guid``.
+
+        Only the host's own limits are checked (each list fits its field): the
+        daemon judges the items.
+        """
+        try:
+            adapter_id = host_guid(guid)
+            check_sizes(config)
+        except ConfigError as exc:
+            raise HostError(errno.EINVAL, str(exc)) from None
+        await self.ip_request(m.HostIpRequest(m.Op.SET_IP_INFO, to_value(adapter_id, config)))
 
     # -- background ----------------------------------------------------------------------
 
