@@ -259,7 +259,7 @@ def test_refusals() -> None:
             (
                 ["setpriv", "--bounding-set=-sys_admin", *hostsim_argv("--", "true")],
                 1,
-                "mount namespaces are not allowed",
+                "namespaces are not allowed",
             ),
         ]
     before = Outside.now()

@@ -53,6 +53,7 @@ async def test_tree(rig: Rig) -> None:
         "guest",
         "auto",
         "auto_external",
+        "net",
     ]
     assert (await view.lookup(("external",))).writable
     assert (await view.lookup(("auto_external",))).writable

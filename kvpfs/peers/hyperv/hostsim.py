@@ -2,18 +2,23 @@
 
 Off Hyper-V nothing plays the host, so ``hv_kvp_daemon`` has no device to open.
 This command plays the host and the kernel device and runs the distribution's
-unmodified daemon against them, in a private mount namespace:
+unmodified daemon against them, in a private mount and network namespace:
 
-1. ``unshare(CLONE_NEWNS)``, and every mount made private, so that nothing
-   below propagates out;
+1. ``unshare(CLONE_NEWNS | CLONE_NEWNET)``, and every mount made private, so
+   that nothing below propagates out;
 2. a tmpfs over the pool directory ``/var/lib/hyperv`` (where it does not exist,
    a tmpfs over ``/var/lib`` with every entry of the real one bound back, so no
    directory is ever created outside);
 3. a private ``/dev``: a tmpfs with every entry of the real one bound back
    (``--rbind`` for directories such as ``pts``), an empty ``vmbus/`` and a
    ``/dev/log`` socket that collects the daemon's syslog lines;
+3a. the guest's network adapters (:mod:`kvpfs.peers.hyperv.netns`): by default
+   one synthetic netvsc NIC ``eth0`` (``--nic`` adds or configures more), with
+   the ``/sys/class/net`` entries, scripts and ``/etc/resolv.conf`` the daemon's
+   IP requests use;
 4. one kvpfs mount with ``kvp/`` (the guest's pools), ``host/`` (the host's
-   view) and ``vmbus/`` (the emulated device), whose ``vmbus/`` is bind-mounted
+   view, with ``host/net/<mac>/config`` for each adapter) and ``vmbus/`` (the
+   emulated device), whose ``vmbus/`` is bind-mounted
    onto ``/dev/vmbus``.  One mount, because pyfuse3 serves one FUSE session per
    process and the device, the host and the two views share their state;
 5. ``hv_kvp_daemon -n``, until it has registered with the device and the host
@@ -25,8 +30,8 @@ Teardown, also after a failure or a signal: the command is stopped (the first
 SIGINT/SIGTERM/SIGHUP is passed on, a second one kills it), the device is
 removed so that the daemon exits by itself (SIGTERM, then SIGKILL, if it does
 not), every other process left in the namespace is stopped the same way, the
-mount ends, and the mount point is removed if hostsim made it.  The namespace,
-and with it every mount above, disappears when hostsim exits.  Nothing is
+mount ends, and the mount point is removed if hostsim made it.  The namespaces,
+and with them every mount and interface above, disappear when hostsim exits.  Nothing is
 created outside except that mount point (an empty directory in ``$TMPDIR``, only
 while hostsim runs; ``--mountpoint`` uses an existing one instead).
 """
@@ -35,14 +40,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import logging
 import os
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -55,8 +58,16 @@ import trio
 from kvpfs.fs.mount import Session, fuse_options, serve
 from kvpfs.fs.operations import FsOptions, Operations
 from kvpfs.kvp.view import KvpView
+from kvpfs.peers.hyperv import mounts
 from kvpfs.peers.hyperv.device import KvpDevice
-from kvpfs.peers.hyperv.host import CONNECT_TIMEOUT, KvpHost
+from kvpfs.peers.hyperv.host import CONNECT_TIMEOUT, Adapter, KvpHost
+from kvpfs.peers.hyperv.netns import (
+    NetworkError,
+    NicSpec,
+    SyntheticNetwork,
+    apply_nic_option,
+    default_nics,
+)
 from kvpfs.peers.hyperv.view import HostView, VmbusView
 
 log = logging.getLogger("kvpfs.hostsim")
@@ -66,14 +77,6 @@ DEVICE_DIR = "/dev/vmbus"
 DAEMON_NAME = "hv_kvp_daemon"
 DAEMON_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 HOST_NAME = "kvpfs-hostsim"
-
-_CLONE_NEWNS = 0x00020000
-_MS_NOSUID = 2
-_MS_NODEV = 4
-_MS_BIND = 4096
-_MS_REC = 16384
-_MS_PRIVATE = 1 << 18
-_MNT_DETACH = 2
 
 
 class HostsimError(Exception):
@@ -86,98 +89,40 @@ class HostsimError(Exception):
 
 # -- mounts (the process is single-threaded until trio starts) -----------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
-
-
-def _os_error(what: str) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _mount(
-    source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None
-) -> None:
-    if (
-        _libc.mount(
-            os.fsencode(source) if source else None,
-            os.fsencode(target),
-            fstype.encode() if fstype else None,
-            flags,
-            data.encode() if data else None,
-        )
-        != 0
-    ):
-        raise _os_error(f"mount {target}")
-
-
-def _umount(target: str) -> None:
-    if _libc.umount2(os.fsencode(target), _MNT_DETACH) != 0:
-        raise _os_error(f"umount {target}")
-
 
 def enter_private_namespace() -> None:
-    """A mount namespace of our own, with no propagation to the outside."""
-    if _libc.unshare(_CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        raise HostsimError(
-            f"mount namespaces are not allowed here ({os.strerror(err)}); "
-            "in a container, run with CAP_SYS_ADMIN (e.g. docker run --privileged)"
-        )
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-
-
-def _shadow(directory: str, *, skip: Sequence[str] = (), mode: int = 0o755) -> None:
-    """Put a tmpfs over ``directory`` and bind every entry of the old one back.
-
-    Entries are reached through a descriptor of the old directory, so no staging
-    directory is needed anywhere.  Symlinks are copied, other entries bound
-    (directories recursively, so the mounts below them come along).
-    """
-    old = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """A mount namespace and a network namespace of our own; no mount propagates out."""
     try:
-        names = sorted(os.listdir(old))
-        _mount("tmpfs", directory, "tmpfs", _MS_NOSUID, f"mode={mode:o}")
-        for name in names:
-            if name in skip:
-                continue
-            source = f"/proc/self/fd/{old}/{name}"
-            target = os.path.join(directory, name)
-            try:
-                st = os.lstat(source)
-                if stat.S_ISLNK(st.st_mode):
-                    os.symlink(os.readlink(source), target)
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    os.mkdir(target, stat.S_IMODE(st.st_mode))
-                    _mount(source, target, None, _MS_BIND | _MS_REC)
-                else:
-                    os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o600))
-                    _mount(source, target, None, _MS_BIND)
-            except OSError as exc:
-                # An entry that vanished or cannot be bound is left out, not fatal.
-                log.debug("hostsim: %s left out of the private %s: %s", name, directory, exc)
-    finally:
-        os.close(old)
+        mounts.unshare(mounts.CLONE_NEWNS | mounts.CLONE_NEWNET)
+    except OSError as exc:
+        raise HostsimError(
+            f"mount and network namespaces are not allowed here ({exc.strerror}); "
+            "in a container, run with CAP_SYS_ADMIN (e.g. docker run --privileged)"
+        ) from None
+    mounts.mount(None, "/", None, mounts.MS_REC | mounts.MS_PRIVATE)
 
 
 def prepare_filesystems() -> None:
     """The private /dev (with an empty vmbus/) and the tmpfs pool directory."""
-    _shadow("/dev", skip=("vmbus", "log"))
+    mounts.shadow("/dev", skip=("vmbus", "log"))
     os.mkdir(DEVICE_DIR, 0o755)
     if os.path.isdir(POOL_DIR):
-        _mount("tmpfs", POOL_DIR, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755")
+        mounts.mount("tmpfs", POOL_DIR, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=755")
     else:
         # The daemon creates the directory itself, on the private tmpfs.
-        _shadow(os.path.dirname(POOL_DIR))
+        mounts.shadow(os.path.dirname(POOL_DIR))
+
+
+def prepare_network(nics: Sequence[NicSpec]) -> SyntheticNetwork:
+    """The guest's synthetic adapters, in the private namespaces (after
+    :func:`enter_private_namespace`)."""
+    network = SyntheticNetwork(nics)
+    try:
+        network.setup()
+    except (NetworkError, OSError) as exc:
+        network.close()
+        raise HostsimError(f"cannot build the synthetic network: {exc}") from None
+    return network
 
 
 # -- configuration -----------------------------------------------------------------------
@@ -192,6 +137,7 @@ class Config:
     timeout: float = 30.0
     ready_timeout: float = 15.0
     items: dict[int, dict[str, str]] = field(default_factory=dict)
+    nics: list[NicSpec] = field(default_factory=default_nics)
 
 
 _POOL_NAMES = {"external": 0, "auto_external": 3}
@@ -224,13 +170,15 @@ def _host_item(text: str) -> tuple[int, str, str]:
     return pool, key, value
 
 
-def parse_args(argv: Sequence[str]) -> Config:
+def hostsim_parser() -> argparse.ArgumentParser:
+    """The ``kvpfs hostsim`` command line (also what its manual page describes)."""
     p = argparse.ArgumentParser(
         prog="kvpfs hostsim",
-        description="Run COMMAND in a private mount namespace where the real hv_kvp_daemon "
-        "talks to a simulated Hyper-V host. kvpfs is mounted at $KVPFS_MOUNT with kvp/ "
-        "(the guest's pools) and host/ (the host's view: writing host/external/KEY is a "
-        "host SET, removing it a DELETE).",
+        description="Run COMMAND in private mount and network namespaces where the real "
+        "hv_kvp_daemon talks to a simulated Hyper-V host. kvpfs is mounted at $KVPFS_MOUNT "
+        "with kvp/ (the guest's pools) and host/ (the host's view: writing "
+        "host/external/KEY is a host SET, removing it a DELETE; host/net/MAC/config is an "
+        "adapter's IP configuration, read with GET_IP_INFO, written with SET_IP_INFO).",
     )
     p.add_argument(
         "--mountpoint",
@@ -267,12 +215,25 @@ def parse_args(argv: Sequence[str]) -> Config:
         help="how long the daemon may take to register (default 15)",
     )
     p.add_argument(
+        "--nic",
+        action="append",
+        default=[],
+        metavar="NAME[,mac=MAC][,guid=GUID][,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR][,dhcp]",
+        help="add a synthetic network adapter, or configure one (the default is eth0 with "
+        "192.0.2.10/24, gateway 192.0.2.1, DNS 192.0.2.53); ip=, gw= and dns= may repeat",
+    )
+    p.add_argument(
         "-v",
         "--verbose",
         action="store_true",
         help="log what happens, with the daemon's syslog lines",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    p = hostsim_parser()
     args = p.parse_args(list(argv))
     command = list(args.command)
     if command and command[0] == "--":
@@ -282,6 +243,12 @@ def parse_args(argv: Sequence[str]) -> Config:
     items = {} if args.no_host_items else default_items()
     for pool, key, value in args.host_item:
         items.setdefault(pool, {})[key] = value
+    nics = default_nics()
+    for text in args.nic:
+        try:
+            nics = apply_nic_option(nics, text)
+        except ValueError as exc:
+            p.error(f"--nic {text}: {exc}")
     return Config(
         command=command,
         mountpoint=args.mountpoint,
@@ -290,6 +257,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         timeout=args.timeout,
         ready_timeout=args.ready_timeout,
         items=items,
+        nics=nics,
     )
 
 
@@ -312,6 +280,10 @@ def preflight(config: Config) -> None:
     if os.geteuid() != 0:
         raise HostsimError("kvpfs hostsim needs root (mount namespaces, mounts and /dev/fuse)")
     config.daemon = find_daemon(config.daemon)
+    if config.nics and shutil.which("ip") is None:
+        raise HostsimError(
+            "the synthetic network adapters need iproute2's ip (apt-get install iproute2)"
+        )
     try:
         os.close(os.open("/dev/fuse", os.O_RDWR))
     except OSError as exc:
@@ -440,6 +412,8 @@ class Environment:
     daemon: trio.Process | None = None
     #: Process ids of every daemon started, in order.
     started: list[int] = field(default_factory=list)
+    #: The guest's synthetic network adapters, if :func:`prepare_network` made them.
+    network: SyntheticNetwork | None = None
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.mountpoint, *parts)
@@ -503,29 +477,40 @@ class Environment:
 def _bind_device(mountpoint: str) -> None:
     # In a worker thread: the bind looks the source up through the FUSE mount,
     # which the trio thread serves.
-    _mount(os.path.join(mountpoint, "vmbus"), DEVICE_DIR, None, _MS_BIND)
+    mounts.mount(os.path.join(mountpoint, "vmbus"), DEVICE_DIR, None, mounts.MS_BIND)
     os.stat(os.path.join(DEVICE_DIR, "hv_kvp"))
 
 
 @contextlib.asynccontextmanager
 async def environment(
-    config: Config, mountpoint: str, *, start: bool = True
+    config: Config,
+    mountpoint: str,
+    *,
+    start: bool = True,
+    network: SyntheticNetwork | None = None,
 ) -> AsyncIterator[Environment]:
     """Mount kvpfs on ``mountpoint``, expose the device at /dev/vmbus and (``start``)
     run the daemon until it is ready; tear it all down on exit.
 
-    Call it in the private namespace, after :func:`prepare_filesystems`.
+    Call it in the private namespace, after :func:`prepare_filesystems` (and
+    :func:`prepare_network`, whose adapters the host then knows).
     """
     device = KvpDevice(timeout=config.timeout)
-    host = KvpHost(device, initial_items=config.items)
+    adapters = [Adapter.of(nic.mac, nic.guid) for nic in (network.nics if network else [])]
+    host = KvpHost(device, initial_items=config.items, adapters=adapters)
+    if network is not None:
+        host.before_ip_request.append(network.sync)
     ops = Operations(
         [KvpView(POOL_DIR), HostView(host), VmbusView(device)],
-        # A host request may wait for a daemon, then for the kernel's timeout.
-        FsOptions(store_timeout=config.timeout + CONNECT_TIMEOUT + 10.0),
+        # A host request may wait for a daemon, then for the kernel's timeout; a
+        # partial write of host/net/<mac>/config sends two requests.
+        FsOptions(store_timeout=2 * (config.timeout + CONNECT_TIMEOUT) + 10.0),
     )
     syslog = SyslogSink(echo=config.verbose)
     async with trio.open_nursery() as nursery:
         await nursery.start(syslog.serve, "/dev/log")
+        if network is not None:
+            await nursery.start(network.watch)
         try:
             session: Session = await nursery.start(
                 functools.partial(serve, handle_signals=False),
@@ -535,7 +520,9 @@ async def environment(
             )
         except RuntimeError as exc:
             raise HostsimError(f"mounting kvpfs on {mountpoint} failed: {exc}") from None
-        env = Environment(config, mountpoint, device, host, session, syslog, nursery)
+        env = Environment(
+            config, mountpoint, device, host, session, syslog, nursery, network=network
+        )
         try:
             try:
                 await trio.to_thread.run_sync(_bind_device, mountpoint)
@@ -561,7 +548,7 @@ async def _teardown(env: Environment) -> None:
         await _stop(daemon, DAEMON_NAME, grace=3.0)
     await _stop_leftovers()
     with contextlib.suppress(OSError):
-        await trio.to_thread.run_sync(_umount, DEVICE_DIR)
+        await trio.to_thread.run_sync(mounts.umount, DEVICE_DIR)
     await env.session.stop()
 
 
@@ -624,12 +611,12 @@ async def _run_command(env: Environment, command: _Command) -> int:
     return 128 - code if code < 0 else code
 
 
-async def _main(config: Config, mountpoint: str) -> int:
+async def _main(config: Config, mountpoint: str, network: SyntheticNetwork | None) -> int:
     command = _Command()
     status: int | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_handle_signals, command, nursery.cancel_scope)
-        async with environment(config, mountpoint) as env:
+        async with environment(config, mountpoint, network=network) as env:
             status = await _run_command(env, command)
         nursery.cancel_scope.cancel()
     if status is None:
@@ -669,14 +656,16 @@ def run_hostsim(argv: Sequence[str]) -> int:
         format="kvpfs hostsim: %(levelname)s %(name)s: %(message)s",
     )
     made: str | None = None
+    network: SyntheticNetwork | None = None
     try:
         preflight(config)
         enter_private_namespace()
         prepare_filesystems()
+        network = prepare_network(config.nics)
         if config.mountpoint is None:
             made = tempfile.mkdtemp(prefix="kvpfs-hostsim-")
         mountpoint = os.path.abspath(config.mountpoint or made or "")
-        return trio.run(_main, config, mountpoint)
+        return trio.run(_main, config, mountpoint, network)
     except (HostsimError, OSError) as exc:
         return _report(exc)
     except BaseExceptionGroup as group:
@@ -687,9 +676,11 @@ def run_hostsim(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        if network is not None:
+            network.close()
         if made is not None:
             with contextlib.suppress(OSError):
-                _umount(made)
+                mounts.umount(made)
             with contextlib.suppress(OSError):
                 os.rmdir(made)
 

@@ -7,6 +7,7 @@ host sends through the kernel to hv_kvp_daemon (:class:`kvpfs.peers.hyperv.host.
     host/guest/           pool 1   written by the guest    read-only
     host/auto/            pool 2   synthesised by the daemon (FQDN, OS, IP addresses)
     host/auto_external/   pool 3   written by the host     read-write
+    host/net/<mac>/config          an adapter's IP configuration (GET/SET_IP_INFO)
 
 Listing a directory enumerates the pool from index 0 until the daemon says the
 pool ends, and reading a file enumerates until the first item with that key, so
@@ -33,6 +34,27 @@ or deletes (through this view or any other user of the same
 :class:`~kvpfs.peers.hyperv.host.KvpHost`) is applied to that enumeration at once; what
 the guest changes shows in lookups within ``cache_ttl``, like the kernel's own
 attribute cache.
+
+``host/net/`` is the host's view of the guest's network adapters, as Hyper-V's
+``Msvm_GuestNetworkAdapterConfiguration`` shows it: one directory per adapter
+the host gave the VM (:attr:`KvpHost.adapters`), named by its MAC in lower case
+with colons, holding ``config``::
+
+    IPAddresses=192.0.2.10,2001:db8::10
+    Subnets=255.255.255.0,/64
+    DefaultGateways=192.0.2.1
+    DNSServers=192.0.2.53
+    DHCPEnabled=false
+
+Reading ``config`` sends a GET_IP_INFO and shows the answer (IPv6 subnets as
+the daemon writes them, ``/64``).  Writing it sends a SET_IP_INFO to the
+adapter's device GUID; like ``vbd/attach`` it is a stream: each write(2) is one
+request, in the same format, and returns only once the daemon has answered, so
+its errno is the daemon's status (:mod:`kvpfs.peers.hyperv.host` has the table).
+Properties a write leaves out keep their current values, which costs a GET
+first.  A write that is not well formed is EINVAL and sends nothing; one that
+is well formed but inconsistent (a subnet per address: a dotted netmask for an
+IPv4 address, a prefix length for an IPv6 one) is EINVAL and sends no SET.
 """
 
 from __future__ import annotations
@@ -51,6 +73,13 @@ from kvpfs.kvp.names import InvalidName, key_to_name, name_to_key
 from kvpfs.peers.hyperv import message as m
 from kvpfs.peers.hyperv.device import DEVICE_NAME, DeviceHandle, KvpDevice
 from kvpfs.peers.hyperv.host import HostError, KvpHost, status_name
+from kvpfs.peers.hyperv.ipconfig import (
+    ConfigError,
+    IpConfig,
+    format_config,
+    names_every_property,
+    parse_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +90,12 @@ POOL_DIRS: dict[str, m.Pool] = {
     "auto_external": m.Pool.AUTO_EXTERNAL,
 }
 WRITABLE_DIRS = frozenset({"external", "auto_external"})
+NET_DIR = "net"
+CONFIG = "config"
 CACHE_TTL = 1.0
 
 _ROOT = Node(NodeKind.DIR, writable=False)
+_DIR = Node(NodeKind.DIR, writable=False)
 _name_of = functools.lru_cache(maxsize=4096)(key_to_name)
 
 
@@ -173,6 +205,8 @@ class HostView(View):
     async def lookup(self, path: Path) -> Node:
         if not path:
             return _ROOT
+        if path[0] == NET_DIR:
+            return self._net_node(path)
         self._pool(path[0])
         writable = self._writable(path[0])
         if len(path) == 1:
@@ -189,7 +223,16 @@ class HostView(View):
 
     async def listdir(self, path: Path) -> list[tuple[str, Node]]:
         if not path:
-            return [(directory, await self.lookup((directory,))) for directory in POOL_DIRS]
+            return [
+                (directory, await self.lookup((directory,)))
+                for directory in (*POOL_DIRS, NET_DIR)
+            ]
+        if path[0] == NET_DIR:
+            if self._net_node(path).kind is not NodeKind.DIR:
+                raise FsError(errno.ENOTDIR)
+            if len(path) == 1:
+                return [(mac, _DIR) for mac in sorted(self.host.adapters)]
+            return [(CONFIG, self._config_node())]
         if len(path) > 1:
             await self.lookup(path)
             raise FsError(errno.ENOTDIR)
@@ -201,6 +244,10 @@ class HostView(View):
         ]
 
     async def read(self, path: Path) -> bytes:
+        if path[:1] == (NET_DIR,):
+            if self._net_node(path).kind is NodeKind.DIR:
+                raise FsError(errno.EISDIR)
+            return (await self.config_text(path[1])).encode()
         if len(path) != 2:
             await self.lookup(path)
             raise FsError(errno.EISDIR if len(path) < 2 else errno.ENOTDIR)
@@ -211,6 +258,11 @@ class HostView(View):
     def _target(self, path: Path) -> tuple[str, m.Pool, str]:
         if not path:
             raise FsError(errno.EISDIR)
+        if path[0] == NET_DIR:
+            node = self._net_node(path)
+            if node.kind is NodeKind.DIR:
+                raise FsError(errno.EISDIR if len(path) > 1 else errno.EPERM)
+            raise FsError(errno.EROFS if self.read_only else errno.EPERM)
         if path[0] not in POOL_DIRS:
             raise FsError(errno.EROFS if self.read_only else errno.EPERM)
         if len(path) == 1:
@@ -288,6 +340,60 @@ class HostView(View):
     async def mkdir(self, path: Path) -> None:
         raise FsError(errno.EROFS if self.read_only else errno.EPERM)
 
+    # -- host/net ---------------------------------------------------------------------------
+
+    def _config_node(self) -> Node:
+        return Node(NodeKind.STREAM, writable=not self.read_only)
+
+    def _net_node(self, path: Path) -> Node:
+        if len(path) == 1:
+            return _DIR
+        if path[1] not in self.host.adapters:
+            raise FsError(errno.ENOENT)
+        if len(path) == 2:
+            return _DIR
+        if path[2] != CONFIG or len(path) > 3:
+            raise FsError(errno.ENOENT)
+        return self._config_node()
+
+    async def config_text(self, mac: str) -> str:
+        """GET_IP_INFO for the adapter ``mac``, as ``config`` shows it."""
+        return format_config(await self.host.get_ip_info(mac))
+
+    async def write_config(self, mac: str, data: bytes) -> None:
+        """One write(2) to ``net/<mac>/config``: SET_IP_INFO for that adapter."""
+        adapter = self.host.adapters.get(mac)
+        if adapter is None:
+            raise FsError(errno.ENOENT)
+        if self.read_only:
+            raise FsError(errno.EROFS)
+        try:
+            text = data.decode("utf-8")
+            # Form first: a malformed write sends nothing at all.
+            complete = names_every_property(text)
+        except (UnicodeDecodeError, ConfigError) as exc:
+            log.error("host/net/%s/config: %s", mac, exc)
+            raise FsError(errno.EINVAL, str(exc)) from None
+        current: IpConfig | None = None
+        if not complete:
+            current = await self.host.get_ip_info(mac)
+        try:
+            config = parse_config(text, current)
+        except ConfigError as exc:
+            log.error("host/net/%s/config: %s", mac, exc)
+            raise FsError(errno.EINVAL, str(exc)) from None
+        try:
+            await self.host.set_ip_info(adapter.guid, config)
+        except HostError as exc:
+            log.error("host/net/%s/config: %s", mac, exc)
+            raise
+
+    async def open_stream(self, path: Path, flags: int) -> Stream:
+        node = await self.lookup(path)
+        if node.kind is not NodeKind.STREAM:
+            raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EPERM)
+        return _ConfigStream(self, path[1])
+
     async def rmdir(self, path: Path) -> None:
         raise FsError(errno.EROFS if self.read_only else errno.EPERM)
 
@@ -319,8 +425,30 @@ class DeviceStream(Stream):
         await self.handle.release()
 
 
-_DIR = Node(NodeKind.DIR, writable=False)
 _DEVICE = Node(NodeKind.STREAM, writable=True)
+
+
+class _ConfigStream(Stream):
+    """An open ``net/<mac>/config``: the first read sends GET_IP_INFO and the text is
+    read from there to its end; each write(2) is one SET_IP_INFO, answered before
+    write(2) returns."""
+
+    def __init__(self, view: HostView, mac: str) -> None:
+        self._view = view
+        self._mac = mac
+        self._text: bytes | None = None
+        self._offset = 0
+
+    async def read(self, size: int) -> bytes:
+        if self._text is None:
+            self._text = (await self._view.config_text(self._mac)).encode()
+        chunk = self._text[self._offset : self._offset + size]
+        self._offset += len(chunk)
+        return chunk
+
+    async def write(self, data: bytes) -> int:
+        await self._view.write_config(self._mac, data)
+        return len(data)
 
 
 class VmbusView(View):

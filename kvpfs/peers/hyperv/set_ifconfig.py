@@ -1,0 +1,253 @@
+"""``hv_set_ifconfig`` for ``kvpfs hostsim``: apply the daemon's ifcfg file with ``ip``.
+
+hv_kvp_daemon answers a host's SET_IP_INFO by writing ``/var/lib/hyperv/ifcfg-<if>``
+and running ``/usr/libexec/hypervkvpd/hv_set_ifconfig <that file>``; a distribution
+provides the script (Debian does not).  Inside hostsim's private namespaces this
+one plays the distribution's network configuration:
+
+* ``BOOTPROTO=none``: the interface gets exactly the file's addresses
+  (``IPADDR<n>``/``NETMASK<n>``, ``IPV6ADDR[_<n>]``/``IPV6NETMASK[_<n>]``) and
+  default routes (``GATEWAY[<n>]``, ``IPV6_DEFAULTGW[_<n>]``), nothing else;
+* ``BOOTPROTO=dhcp``: hostsim plays the DHCP server too: the IPv4 part is the
+  adapter's lease (the configuration hostsim gave it at start, kept in
+  ``<state>/<mac>/lease``), marked dynamic; IPv6 entries of the file still apply
+  (the daemon passes them on for that case);
+* ``DNS<n>`` entries (the lease's, under DHCP, if the file has none) become the
+  ``nameserver`` lines of ``/etc/resolv.conf``, the namespace's own file;
+* the applied file is kept as ``<state>/<mac>/ifcfg``, which hostsim's
+  ``hv_get_dhcp_info`` reads, and one syslog line says what was applied.
+
+Exit status 0 on success; otherwise 1 with the reason on stderr (the daemon then
+answers ``HV_E_FAIL``).  Standard library only: it runs as ``python -I -S``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import sys
+import syslog
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+RESOLV_CONF = "/etc/resolv.conf"
+#: How long a DHCP lease hostsim hands out lasts (seconds); shown by ``ip addr``.
+LEASE_SECONDS = 86400
+
+_KEY = re.compile(r"^(IPADDR|NETMASK|GATEWAY|DNS|IPV6ADDR|IPV6NETMASK|IPV6_DEFAULTGW)_?(\d*)$")
+
+
+class IfcfgError(ValueError):
+    pass
+
+
+@dataclass
+class Ifcfg:
+    """The parts of an ifcfg file, in the daemon's numbering."""
+
+    device: str = ""
+    hwaddr: str = ""
+    bootproto: str = ""
+    #: (address, prefix length) pairs: IPv4 then IPv6, in index order.
+    addresses: list[tuple[str, int]] = field(default_factory=list)
+    gateways: list[str] = field(default_factory=list)
+    dns: list[str] = field(default_factory=list)
+
+    @property
+    def dhcp(self) -> bool:
+        return self.bootproto.lower() == "dhcp"
+
+
+def _index(suffix: str) -> int:
+    return int(suffix) if suffix else -1
+
+
+def _prefix(netmask: str, version: int, key: str) -> int:
+    try:
+        if version == 4:
+            return ipaddress.IPv4Network(f"0.0.0.0/{netmask}").prefixlen
+        prefix = int(netmask.lstrip("/"))
+    except ValueError:
+        raise IfcfgError(f"{key}={netmask!r} is not a netmask") from None
+    if not 0 <= prefix <= 128:
+        raise IfcfgError(f"{key}={netmask!r} is not a prefix length")
+    return prefix
+
+
+def parse_ifcfg(text: str) -> Ifcfg:
+    """An ifcfg file as hv_kvp_daemon writes it (``KEY=value`` lines).
+
+    IPv4 addresses pair with the netmask of the same number (``IPADDR0`` and
+    ``NETMASK0``), IPv6 ones likewise (``IPV6ADDR`` and ``IPV6NETMASK``,
+    ``IPV6ADDR_1`` and ``IPV6NETMASK_1``).  Gateways and DNS servers keep their
+    order; an IPv4 gateway list starts unnumbered (``GATEWAY``, ``GATEWAY1``).
+    """
+    result = Ifcfg()
+    found: dict[tuple[str, int], str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, eq, value = line.partition("=")
+        if not eq:
+            raise IfcfgError(f"line {number}: {line!r} is not KEY=value")
+        if key == "DEVICE":
+            result.device = value
+        elif key == "HWADDR":
+            result.hwaddr = value
+        elif key == "BOOTPROTO":
+            result.bootproto = value
+        else:
+            matched = _KEY.match(key)
+            if matched is None:
+                continue  # not ours to judge (a distribution file may hold more)
+            found[matched.group(1), _index(matched.group(2))] = value
+    for family, mask_key, version in (("IPADDR", "NETMASK", 4), ("IPV6ADDR", "IPV6NETMASK", 6)):
+        for kind, index in sorted(k for k in found if k[0] == family):
+            address = found[kind, index]
+            mask = found.get((mask_key, index))
+            name = f"{kind}{'' if index < 0 else index}"
+            if mask is None:
+                raise IfcfgError(f"{name} has no {mask_key}")
+            try:
+                parsed = ipaddress.ip_address(address)
+            except ValueError:
+                raise IfcfgError(f"{name}={address!r} is not an IP address") from None
+            result.addresses.append((str(parsed), _prefix(mask, version, mask_key)))
+    for family in ("GATEWAY", "IPV6_DEFAULTGW", "DNS"):
+        for kind, index in sorted(k for k in found if k[0] == family):
+            try:
+                parsed = ipaddress.ip_address(found[kind, index])
+            except ValueError:
+                raise IfcfgError(f"{kind}={found[kind, index]!r} is not an IP address") from None
+            (result.dns if family == "DNS" else result.gateways).append(str(parsed))
+    if not result.device:
+        raise IfcfgError("no DEVICE")
+    return result
+
+
+def _version(address: str) -> int:
+    return ipaddress.ip_address(address).version
+
+
+def plan(config: Ifcfg, lease: Ifcfg | None) -> tuple[list[list[str]], list[str]]:
+    """The ``ip`` commands that apply ``config``, and the DNS servers it asks for."""
+    dev = config.device
+    addresses = list(config.addresses)
+    gateways = list(config.gateways)
+    dns = list(config.dns)
+    dynamic: list[tuple[str, int]] = []
+    if config.dhcp:
+        addresses = [a for a in addresses if _version(a[0]) == 6]
+        gateways = [g for g in gateways if _version(g) == 6]
+        if lease is not None:
+            dynamic = [a for a in lease.addresses if _version(a[0]) == 4]
+            gateways = [g for g in lease.gateways if _version(g) == 4] + gateways
+            if not dns:
+                dns = list(lease.dns)
+    commands = [
+        ["ip", "addr", "flush", "dev", dev],
+        ["ip", "-4", "route", "flush", "exact", "0.0.0.0/0", "dev", dev],
+        ["ip", "-6", "route", "flush", "exact", "::/0", "dev", dev],
+        ["ip", "link", "set", dev, "up"],
+    ]
+    lifetimes = ["valid_lft", str(LEASE_SECONDS), "preferred_lft", str(LEASE_SECONDS)]
+    for address, prefix in dynamic:
+        commands.append(["ip", "addr", "add", f"{address}/{prefix}", "dev", dev, *lifetimes])
+    for address, prefix in addresses:
+        extra = ["nodad"] if _version(address) == 6 else []
+        commands.append(["ip", "addr", "add", f"{address}/{prefix}", "dev", dev, *extra])
+    metrics = {4: 0, 6: 0}
+    for gateway in gateways:
+        version = _version(gateway)
+        route = ["default", "via", gateway, "dev", dev]
+        if metrics[version] == 0:
+            commands.append(["ip", f"-{version}", "route", "replace", *route])
+        else:
+            metric = ["metric", str(metrics[version])]
+            commands.append(["ip", f"-{version}", "route", "add", *route, *metric])
+        metrics[version] += 1
+    return commands, dns
+
+
+def resolv_conf(old: str, servers: Sequence[str]) -> str:
+    """``old`` with its ``nameserver`` lines replaced by ``servers`` (where the first was)."""
+    lines = old.splitlines()
+    new = [f"nameserver {server}" for server in servers]
+    out: list[str] = []
+    placed = False
+    for line in lines:
+        if line.split()[:1] == ["nameserver"]:
+            if not placed:
+                out += new
+                placed = True
+            continue
+        out.append(line)
+    if not placed:
+        out += new
+    return "".join(line + "\n" for line in out)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _mac_of(device: str) -> str:
+    try:
+        return _read(f"/sys/class/net/{device}/address").strip().lower()
+    except OSError:
+        raise IfcfgError(f"there is no interface {device}") from None
+
+
+def apply(path: str, state: str) -> str:
+    """Apply the ifcfg file at ``path``; returns a one-line summary."""
+    config = parse_ifcfg(_read(path))
+    mac = _mac_of(config.device)
+    if config.hwaddr and config.hwaddr.lower() != mac:
+        raise IfcfgError(f"HWADDR={config.hwaddr} but {config.device} has {mac}")
+    lease_path = os.path.join(state, mac, "lease")
+    lease = parse_ifcfg(_read(lease_path)) if os.path.exists(lease_path) else None
+    commands, dns = plan(config, lease)
+    for command in commands:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise IfcfgError(f"{' '.join(command)}: {done.stderr.strip() or done.returncode}")
+    with open(RESOLV_CONF, "r+", encoding="utf-8") as f:
+        # In place: hostsim's resolv.conf is a file bound over the real one.
+        text = resolv_conf(f.read(), dns)
+        f.seek(0)
+        f.write(text)
+        f.truncate()
+    os.makedirs(os.path.join(state, mac), exist_ok=True)
+    shutil.copyfile(path, os.path.join(state, mac, "ifcfg"))
+    shown = [f"{a}/{p}" for a, p in config.addresses] if not config.dhcp else ["dhcp"]
+    return (
+        f"{config.device}: applied {os.path.basename(path)}: {' '.join(shown) or 'no address'}"
+        f"; gateways {' '.join(config.gateways) or '-'}; DNS {' '.join(dns) or '-'}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hv_set_ifconfig")
+    parser.add_argument("--state", required=True, help="hostsim's per-adapter state directory")
+    parser.add_argument("ifcfg", help="the file hv_kvp_daemon wrote")
+    args = parser.parse_args(argv)
+    syslog.openlog("hv_set_ifconfig", 0, syslog.LOG_USER)
+    try:
+        summary = apply(args.ifcfg, args.state)
+    except (IfcfgError, OSError) as exc:
+        message = f"{args.ifcfg}: {exc}"
+        syslog.syslog(syslog.LOG_ERR, message)
+        print(f"hv_set_ifconfig: {message}", file=sys.stderr)
+        return 1
+    syslog.syslog(syslog.LOG_INFO, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
