@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from kvpfs.peers.xenstored import trio_fastpath
 from kvpfs.peers.xenstored.server import XenstoredServer, _Client, serve_xenstored
 from kvpfs.xenstore.protocol import HEADER, Op
 
@@ -228,6 +229,47 @@ def test_event_counts_as_queued_until_its_last_byte_is_sent() -> None:
         client.out.clear()
         client.advance(1)
         assert client.events == set() and not client.marks
+
+
+# --------------------------------------------------------------------------- trio fast path
+
+
+@pytest.mark.parametrize(
+    ("value", "version", "on"),
+    [
+        ("0", sorted(trio_fastpath.TESTED_TRIO_VERSIONS)[0], False),
+        ("1", "99.0.0", True),
+        (None, sorted(trio_fastpath.TESTED_TRIO_VERSIONS)[0], True),
+        ("", sorted(trio_fastpath.TESTED_TRIO_VERSIONS)[0], True),
+        (None, "99.0.0", False),
+    ],
+)
+def test_fast_path_switch(value: str | None, version: str, on: bool) -> None:
+    assert trio_fastpath.decide(value, version) is on
+
+
+def test_fast_path_switch_rejects_other_values() -> None:
+    with pytest.warns(RuntimeWarning, match="neither 0 nor 1"):
+        assert trio_fastpath.decide("yes", "99.0.0") is False
+
+
+async def test_server_waits_as_the_switch_says(tmp_path: Path) -> None:
+    """Read once from the environment: a suite run with KVPFS_TRIO_FASTPATH=0 runs
+    every server without trio internals, and with 1 with them."""
+    switch = os.environ.get(trio_fastpath.ENV)
+    assert trio_fastpath.ENABLED is trio_fastpath.decide(switch, trio.__version__)
+    sock = str(tmp_path / "xs.sock")
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            lambda task_status: serve_xenstored(sock, task_status=task_status)
+        )
+        assert (server._idle is not None) is trio_fastpath.ENABLED
+        if switch == "1":
+            assert server._idle is not None
+        elif switch == "0":
+            assert server._idle is None
+        assert await trio.to_thread.run_sync(_read_tool, sock) == b""
+        nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------- domains

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import os
 import resource
 import select
@@ -49,6 +48,7 @@ from typing import Any
 import trio
 
 from kvpfs.peers.xenstored.store import Quotas, Store
+from kvpfs.peers.xenstored.trio_fastpath import IdleLoop
 from kvpfs.xenstore.protocol import HEADER, XENSTORE_PAYLOAD_MAX, Op
 
 __all__ = [
@@ -61,8 +61,6 @@ __all__ = [
 DEFAULT_MAX_PENDING_BYTES = 2621440
 
 _RECV_SIZE = 65536
-#: Longest sleep in poll(2) on one client's socket (see :class:`_IdleLoop`).
-_IDLE_POLL_MS = 5
 #: Longest busy-poll for a client's next request (see :class:`_Spin`).
 _SPIN_SECONDS = 50e-6
 #: Waits between two reviews of the spinning policy.
@@ -90,88 +88,6 @@ class ServerStats:
     closed: int = 0
     dropped_oversized: int = 0
     dropped_backlog: int = 0
-
-
-class _IdleLoop(trio.abc.Instrument):
-    """Whether this trio run has nothing to do but wait for I/O, and its epoll fd.
-
-    A request/reply client sends its next request some tens of microseconds after
-    our reply.  Waiting for it through trio (``wait_readable``: an epoll_ctl, the
-    scheduler pass, epoll_wait, rescheduling the task) costs about 25 us of CPU per
-    request on a small VM, more than the whole request; a blocking ``poll(2)`` on
-    the client's socket costs a few.  Blocking the thread is only harmless while
-    nothing else in the run could proceed:
-
-    * no task is runnable: neither in the run queue nor still to run in the
-      current scheduler pass (trio takes the pass's tasks out of the queue before
-      running them; as an instrument this counts them off as they step);
-    * no task waits for the run to go idle, no deadline falls within the sleep;
-    * no I/O is pending for another task, which is what polling trio's own epoll
-      fd alongside the socket watches (other tasks' sockets, the wake-up socket
-      that signals and other threads use).
-
-    The run loop exposes the queue and its epoll fd only internally (its public
-    statistics walk every registered fd, costing as much as the wait they would
-    save), so this reads trio's internals, and is not used when they are not what
-    it expects (another trio version, another I/O backend, guest mode, a
-    non-system clock): the server then waits through trio only.
-    """
-
-    def __init__(self, runner: Any) -> None:
-        self._runq = runner.runq
-        self._next_deadline = runner.deadlines.next_deadline
-        self._waiting_for_idle = runner.waiting_for_idle
-        self._now = runner.clock.current_time
-        self.epoll_fd: int = runner.io_manager._epoll.fileno()
-        #: Tasks of the current pass not yet run; unknown (large) until the first
-        #: pass this instrument sees starts.
-        self._pending = 1 << 30
-
-    @classmethod
-    def install(cls) -> _IdleLoop | None:
-        """Start counting in the current run (None: trio is not as expected)."""
-        try:
-            from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
-
-            runner: Any = GLOBAL_RUN_CONTEXT.runner
-            if runner.is_guest or type(runner.clock) is not SystemClock:
-                return None
-            if not isinstance(runner.io_manager._epoll, select.epoll):
-                return None
-            idle = cls(runner)
-            idle.budget_ms()
-        except Exception:
-            return None
-        trio.lowlevel.add_instrument(idle)
-        return idle
-
-    def uninstall(self) -> None:
-        with contextlib.suppress(KeyError):
-            trio.lowlevel.remove_instrument(self)
-
-    def after_io_wait(self, timeout: float) -> None:
-        # The pass about to run takes every task queued now.  Deadlines that have
-        # passed, and a run going idle, wake more tasks before it starts: then its
-        # size is unknown.
-        self._pending = len(self._runq)
-        if self._waiting_for_idle or self._next_deadline() <= self._now():
-            self._pending = 1 << 30
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._pending -= 1
-
-    def budget_ms(self) -> int:
-        """How long the thread may block in poll(2) without delaying trio (0: not)."""
-        if self._pending > 0 or self._runq or self._waiting_for_idle:
-            return 0
-        deadline = self._next_deadline()
-        if deadline == math.inf:
-            return _IDLE_POLL_MS
-        left = deadline - self._now()
-        if left >= _IDLE_POLL_MS / 1000:
-            return _IDLE_POLL_MS
-        # poll(2) counts whole milliseconds: never past the deadline.
-        return int(left * 1000) if left > 0 else 0
 
 
 class _Spin:
@@ -320,11 +236,13 @@ class XenstoredServer:
 
     Sockets are plain non-blocking sockets driven with ``trio.lowlevel``
     ``wait_readable``/``wait_writable``, not trio's socket wrappers (several
-    scheduler passes per request).  While nothing else in the run has work, a
-    connection waits for its next request in poll(2) instead (:class:`_IdleLoop`),
-    busy-polling briefly when that pays (:class:`_Spin`): a request then costs
-    poll, recv and send, and no scheduler pass at all, which is what lets a Python
-    server keep up with cxenstored.
+    scheduler passes per request).  With the trio fast path
+    (:mod:`~kvpfs.peers.xenstored.trio_fastpath`, ``KVPFS_TRIO_FASTPATH``), while
+    nothing else in the run has work, a connection waits for its next request in
+    poll(2) instead (:class:`IdleLoop`), busy-polling briefly when that pays
+    (:class:`_Spin`): a request then costs poll, recv and send, and no scheduler
+    pass at all, which is what lets a Python server keep up with cxenstored.
+    Without it every wait goes through trio's public API.
     """
 
     def __init__(
@@ -349,7 +267,7 @@ class XenstoredServer:
         self._dirty: dict[int, _Client] = {}
         #: (path, st_dev, st_ino) of each socket file this server created.
         self._bound: list[tuple[str, int, int]] = []
-        self._idle: _IdleLoop | None = None
+        self._idle: IdleLoop | None = None
         #: With _idle: every connection's socket (level-triggered), to find those
         #: with requests waiting (see _serve_others), and trio's epoll fd alone.
         self._connections: select.epoll | None = None
@@ -375,7 +293,7 @@ class XenstoredServer:
         on a path already.
         """
         listeners: list[tuple[_stdsocket.socket, int]] = []
-        self._idle = _IdleLoop.install()
+        self._idle = IdleLoop.install()
         if self._idle is not None:
             self._connections = select.epoll()
             self._idle_poll = select.poll()
@@ -501,7 +419,7 @@ class XenstoredServer:
                     unchecked = 0
                     await trio.lowlevel.checkpoint()
             else:
-                # Input is awaited without trio when it is safe (see _IdleLoop);
+                # Input is awaited without trio when it is safe (see IdleLoop);
                 # ready for us alone: read it in this same turn of the loop.  Either
                 # way nobody else was kept waiting.
                 unchecked = 0
