@@ -40,18 +40,20 @@ class Scenario:
     run: Callable[[Environment], Awaitable[None]]
     kernel_timeout: float = 30.0
     time_limit: float = 60.0
+    #: ``--nic`` options over the default eth0.
+    nics: tuple[str, ...] = ()
 
 
 SCENARIOS: dict[str, Scenario] = {}
 
 
 def scenario(
-    *, kernel_timeout: float = 30.0, time_limit: float = 60.0
+    *, kernel_timeout: float = 30.0, time_limit: float = 60.0, nics: tuple[str, ...] = ()
 ) -> Callable[[Callable[[Environment], Awaitable[None]]], Callable[[Environment], Awaitable[None]]]:
     def register(
         fn: Callable[[Environment], Awaitable[None]],
     ) -> Callable[[Environment], Awaitable[None]]:
-        SCENARIOS[fn.__name__] = Scenario(fn, kernel_timeout, time_limit)
+        SCENARIOS[fn.__name__] = Scenario(fn, kernel_timeout, time_limit, nics)
         return fn
 
     return register
@@ -591,3 +593,7 @@ async def soak(env: Environment) -> None:
     from tests.hyperv.soak import run_soak
 
     await run_soak(env, ops=int(os.environ.get("KVPFS_SOAK_OPS", "2000")))
+
+
+# The IP injection scenarios register themselves here too.
+from tests.hyperv import scenarios_ip  # noqa: E402, F401

@@ -160,43 +160,8 @@ def format_config(config: IpConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_properties(text: str) -> dict[str, object]:
-    """The properties a text names: ``{field: value}`` (ConfigError if malformed).
-
-    One ``Name=value`` per line; blank lines and lines starting with ``#`` are
-    skipped; a name may appear once.  Lists are comma-separated (an empty value is
-    an empty list); ``DHCPEnabled`` is ``true`` or ``false`` in any case.  The
-    values are checked for form only (:func:`validate` checks the whole).
-    """
-    found: dict[str, object] = {}
-    for number, raw in enumerate(text.split("\n"), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, eq, value = line.partition("=")
-        name, value = name.strip(), value.strip()
-        if not eq:
-            raise ConfigError(f"line {number}: expected Name=value, got {line!r}")
-        field = _FIELDS.get(name)
-        if field is None:
-            raise ConfigError(
-                f"line {number}: unknown property {name!r} (known: {', '.join(PROPERTIES)})"
-            )
-        if field in found:
-            raise ConfigError(f"line {number}: {name} appears twice")
-        if field == "dhcp_enabled":
-            flag = _BOOLEANS.get(value.lower())
-            if flag is None:
-                raise ConfigError(f"line {number}: DHCPEnabled is true or false, not {value!r}")
-            found[field] = flag
-        else:
-            items = tuple(item.strip() for item in value.split(",")) if value else ()
-            if any(not item for item in items):
-                raise ConfigError(f"line {number}: an empty item in {name}")
-            found[field] = items
-    if not found:
-        raise ConfigError("no property given")
-    return found
+class Inconsistent(ConfigError):
+    """Well-formed properties that do not fit together (yet): a subnet per address."""
 
 
 def _address(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -219,62 +184,118 @@ def _is_netmask(text: str) -> bool:
 
 
 def _prefix(text: str) -> int | None:
+    """The prefix length of ``64`` or ``/64`` (0 to 128), else None."""
     digits = text[1:] if text.startswith("/") else text
-    if digits.isascii() and digits.isdigit() and len(digits) <= 3:
+    if digits.isascii() and digits.isdigit() and len(digits) <= 3 and int(digits) <= 128:
         return int(digits)
     return None
 
 
-def validate(config: IpConfig) -> None:
-    """ConfigError unless every item is what the daemon and the guest can use.
+_ITEM_CHECKS = {
+    "ip_addresses": "address",
+    "default_gateways": "gateway",
+    "dns_servers": "DNS server",
+}
 
-    Addresses, gateways and DNS servers are IP addresses (no IPv6 scope: the
-    daemon's ``inet_pton`` refuses it).  ``Subnets`` has one item per address: a
-    dotted netmask for an IPv4 address, a prefix length (``64`` or ``/64``) for an
-    IPv6 one.  (The daemon files any subnet that is not a dotted IPv4 address as
-    ``IPV6NETMASK``, so a prefix length for an IPv4 address would be misfiled.)
+
+def _check_items(field: str, items: tuple[str, ...], where: str) -> None:
+    what = _ITEM_CHECKS.get(field)
+    for item in items:
+        if what is not None:
+            try:
+                _address(item, what)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        elif not _is_netmask(item) and _prefix(item) is None:
+            raise ConfigError(
+                f"{where}: subnet {item!r} is neither a dotted netmask nor a prefix length"
+            )
+
+
+def parse_properties(text: str) -> dict[str, object]:
+    """The properties a text names: ``{field: value}`` (ConfigError if malformed).
+
+    One ``Name=value`` per line; blank lines and lines starting with ``#`` are
+    skipped; a name may appear once.  Lists are comma-separated (an empty value is
+    an empty list) of IP addresses, or for ``Subnets`` of dotted netmasks and
+    prefix lengths (``64`` or ``/64``); IPv6 addresses without a scope (the
+    daemon's ``inet_pton`` refuses one).  ``DHCPEnabled`` is ``true`` or
+    ``false`` in any case.  How the properties fit together is :func:`validate`'s.
     """
-    addresses = [_address(text, "address") for text in config.ip_addresses]
-    for text in config.default_gateways:
-        _address(text, "gateway")
-    for text in config.dns_servers:
-        _address(text, "DNS server")
+    found: dict[str, object] = {}
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"line {number}"
+        name, eq, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq:
+            raise ConfigError(f"{where}: expected Name=value, got {line!r}")
+        field = _FIELDS.get(name)
+        if field is None:
+            raise ConfigError(
+                f"{where}: unknown property {name!r} (known: {', '.join(PROPERTIES)})"
+            )
+        if field in found:
+            raise ConfigError(f"{where}: {name} appears twice")
+        if field == "dhcp_enabled":
+            flag = _BOOLEANS.get(value.lower())
+            if flag is None:
+                raise ConfigError(f"{where}: DHCPEnabled is true or false, not {value!r}")
+            found[field] = flag
+        else:
+            items = tuple(item.strip() for item in value.split(",")) if value else ()
+            if any(not item for item in items):
+                raise ConfigError(f"{where}: an empty item in {name}")
+            _check_items(field, items, where)
+            found[field] = items
+    if not found:
+        raise ConfigError("no property given")
+    return found
+
+
+def validate(config: IpConfig) -> None:
+    """:class:`Inconsistent` unless the properties fit together: one subnet per
+    address, a dotted netmask for an IPv4 address and a prefix length for an IPv6
+    one (the daemon files every subnet that is not a dotted IPv4 address as
+    ``IPV6NETMASK``, so a prefix length for an IPv4 address would be misfiled),
+    and each list fits its field.  The items themselves are assumed well formed.
+    """
+    addresses = [ipaddress.ip_address(text) for text in config.ip_addresses]
     if len(config.subnets) != len(addresses):
-        raise ConfigError(
+        raise Inconsistent(
             f"{len(config.subnets)} subnets for {len(addresses)} addresses: "
             "Subnets needs one item per address"
         )
     for address, subnet in zip(addresses, config.subnets, strict=True):
-        if address.version == 4:
-            if not _is_netmask(subnet):
-                raise ConfigError(
-                    f"subnet {subnet!r} of {address}: an IPv4 address needs a dotted netmask"
-                )
-        else:
-            prefix = _prefix(subnet)
-            if prefix is None or prefix > 128:
-                raise ConfigError(
-                    f"subnet {subnet!r} of {address}: an IPv6 address needs a prefix length"
-                )
-    check_sizes(config)
+        if address.version == 4 and not _is_netmask(subnet):
+            raise Inconsistent(f"subnet {subnet!r} of {address}: IPv4 needs a dotted netmask")
+        if address.version == 6 and _prefix(subnet) is None:
+            raise Inconsistent(f"subnet {subnet!r} of {address}: IPv6 needs a prefix length")
+    try:
+        check_sizes(config)
+    except ConfigError as exc:
+        raise Inconsistent(str(exc)) from None
+
+
+def merge(current: IpConfig, found: dict[str, object]) -> IpConfig:
+    """``current`` with the properties ``found`` by :func:`parse_properties`."""
+    return replace(current, **found)  # type: ignore[arg-type]
+
+
+def is_complete(found: dict[str, object]) -> bool:
+    """Whether ``found`` holds all five properties (no current configuration needed)."""
+    return len(found) == len(PROPERTIES)
 
 
 def parse_config(text: str, current: IpConfig | None = None) -> IpConfig:
-    """The configuration a written text asks for: its properties over ``current``.
-
-    ``current`` may be None when the text names every property.
-    """
+    """The consistent configuration a text asks for: its properties over ``current``
+    (which may be None when the text names all five)."""
     found = parse_properties(text)
-    if current is None:
+    if current is None and not is_complete(found):
         missing = [name for name, field in _FIELDS.items() if field not in found]
-        if missing:
-            raise ConfigError(f"missing {', '.join(missing)} and no current configuration")
-        current = IpConfig()
-    merged = replace(current, **found)  # type: ignore[arg-type]
+        raise ConfigError(f"missing {', '.join(missing)} and no current configuration")
+    merged = merge(current or IpConfig(), found)
     validate(merged)
     return merged
-
-
-def names_every_property(text: str) -> bool:
-    """Whether ``text`` sets all five properties (no current configuration needed)."""
-    return len(parse_properties(text)) == len(PROPERTIES)

@@ -43,7 +43,7 @@ namespaces (nothing of it exists outside them):
   nowhere; the daemon resolves its host name once at start).
 
 A DHCP request (``BOOTPROTO=dhcp``) is answered from the adapter's lease: the
-IPv4 addresses, gateways and DNS servers it was started with.
+IPv4 addresses, gateways and DNS servers it was started with (none: no lease).
 """
 
 from __future__ import annotations
@@ -356,8 +356,8 @@ class SyntheticNetwork:
             _write(f"{SCRIPT_DIR}/hv_get_dns_info", _DNS_INFO.format(), 0o755)
         for nic in self.nics:
             os.mkdir(f"{STATE_DIR}/{nic.mac}", 0o755)
-            if nic.dhcp:
-                _write(f"{STATE_DIR}/{nic.mac}/lease", ifcfg_text(replace(nic, dhcp=False)))
+            # What hostsim's DHCP server hands this adapter: its start configuration.
+            _write(f"{STATE_DIR}/{nic.mac}/lease", ifcfg_text(replace(nic, dhcp=False)))
 
     def _resolv_conf(self) -> None:
         text = (

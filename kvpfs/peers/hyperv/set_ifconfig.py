@@ -7,13 +7,16 @@ one plays the distribution's network configuration:
 
 * ``BOOTPROTO=none``: the interface gets exactly the file's addresses
   (``IPADDR<n>``/``NETMASK<n>``, ``IPV6ADDR[_<n>]``/``IPV6NETMASK[_<n>]``) and
-  default routes (``GATEWAY[<n>]``, ``IPV6_DEFAULTGW[_<n>]``), nothing else;
+  default routes (``GATEWAY[<n>]``, ``IPV6_DEFAULTGW[_<n>]``; a gateway outside
+  the adapter's subnets on-link), nothing else;
 * ``BOOTPROTO=dhcp``: hostsim plays the DHCP server too: the IPv4 part is the
   adapter's lease (the configuration hostsim gave it at start, kept in
   ``<state>/<mac>/lease``), marked dynamic; IPv6 entries of the file still apply
   (the daemon passes them on for that case);
-* ``DNS<n>`` entries (the lease's, under DHCP, if the file has none) become the
-  ``nameserver`` lines of ``/etc/resolv.conf``, the namespace's own file;
+* ``DNS<n>`` entries (the lease's, under DHCP, if the file has none) are the
+  adapter's name servers; ``/etc/resolv.conf`` (the namespace's own file) gets
+  those of every adapter, in the order of their MACs, each once, as
+  NetworkManager merges its connections';
 * the applied file is kept as ``<state>/<mac>/ifcfg``, which hostsim's
   ``hv_get_dhcp_info`` reads, and one syslog line says what was applied.
 
@@ -161,10 +164,15 @@ def plan(config: Ifcfg, lease: Ifcfg | None) -> tuple[list[list[str]], list[str]
     for address, prefix in addresses:
         extra = ["nodad"] if _version(address) == 6 else []
         commands.append(["ip", "addr", "add", f"{address}/{prefix}", "dev", dev, *extra])
+    networks = [ipaddress.ip_interface(f"{a}/{p}").network for a, p in [*dynamic, *addresses]]
     metrics = {4: 0, 6: 0}
     for gateway in gateways:
         version = _version(gateway)
         route = ["default", "via", gateway, "dev", dev]
+        if not any(ipaddress.ip_address(gateway) in network for network in networks):
+            # Outside every subnet of the adapter: a route to it on the link, as
+            # NetworkManager adds, instead of "Nexthop has invalid gateway".
+            route.append("onlink")
         if metrics[version] == 0:
             commands.append(["ip", f"-{version}", "route", "replace", *route])
         else:
@@ -192,6 +200,18 @@ def resolv_conf(old: str, servers: Sequence[str]) -> str:
     return "".join(line + "\n" for line in out)
 
 
+def all_servers(state: str) -> list[str]:
+    """The name servers of every adapter (``<state>/<mac>/dns``), MAC order, each once."""
+    servers: list[str] = []
+    for mac in sorted(os.listdir(state)):
+        try:
+            lines = _read(os.path.join(state, mac, "dns")).split()
+        except OSError:
+            continue
+        servers += [server for server in lines if server not in servers]
+    return servers
+
+
 def _read(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -217,13 +237,15 @@ def apply(path: str, state: str) -> str:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise IfcfgError(f"{' '.join(command)}: {done.stderr.strip() or done.returncode}")
+    os.makedirs(os.path.join(state, mac), exist_ok=True)
+    with open(os.path.join(state, mac, "dns"), "w", encoding="utf-8") as f:
+        f.write("".join(server + "\n" for server in dns))
     with open(RESOLV_CONF, "r+", encoding="utf-8") as f:
         # In place: hostsim's resolv.conf is a file bound over the real one.
-        text = resolv_conf(f.read(), dns)
+        text = resolv_conf(f.read(), all_servers(state))
         f.seek(0)
         f.write(text)
         f.truncate()
-    os.makedirs(os.path.join(state, mac), exist_ok=True)
     shutil.copyfile(path, os.path.join(state, mac, "ifcfg"))
     shown = [f"{a}/{p}" for a, p in config.addresses] if not config.dhcp else ["dhcp"]
     return (

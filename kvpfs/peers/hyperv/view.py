@@ -47,14 +47,23 @@ with colons, holding ``config``::
     DHCPEnabled=false
 
 Reading ``config`` sends a GET_IP_INFO and shows the answer (IPv6 subnets as
-the daemon writes them, ``/64``).  Writing it sends a SET_IP_INFO to the
-adapter's device GUID; like ``vbd/attach`` it is a stream: each write(2) is one
-request, in the same format, and returns only once the daemon has answered, so
-its errno is the daemon's status (:mod:`kvpfs.peers.hyperv.host` has the table).
-Properties a write leaves out keep their current values, which costs a GET
-first.  A write that is not well formed is EINVAL and sends nothing; one that
-is well formed but inconsistent (a subnet per address: a dotted netmask for an
-IPv4 address, a prefix length for an IPv6 one) is EINVAL and sends no SET.
+the daemon writes them, ``/64``).  Writing it, in the same format, sends a
+SET_IP_INFO to the adapter's device GUID.  Like ``vbd/attach`` it is a stream
+whose write(2) returns only once the daemon has answered, so its errno is the
+daemon's status (:mod:`kvpfs.peers.hyperv.host` has the table):
+
+* every write(2) sends the configuration made of the current one (a GET first,
+  unless all five properties were written) and every property written since
+  the file was opened.  So a file written line by line, as bash's ``echo`` and
+  ``printf`` do (one write(2) per line), is sent as it grows, and its last line
+  sends it whole; a line must not be split between two writes;
+* a write that is not well formed (unknown name, an item that is no address) is
+  EINVAL and sends nothing;
+* properties that do not fit together yet (new ``IPAddresses`` before their
+  ``Subnets``: one subnet per address, a dotted netmask for IPv4, a prefix
+  length for IPv6) are EINVAL when the write holds more than one line; a
+  single line waits for the next write instead, and if the file is closed
+  before they fit, nothing is sent and the reason is logged.
 """
 
 from __future__ import annotations
@@ -75,10 +84,13 @@ from kvpfs.peers.hyperv.device import DEVICE_NAME, DeviceHandle, KvpDevice
 from kvpfs.peers.hyperv.host import HostError, KvpHost, status_name
 from kvpfs.peers.hyperv.ipconfig import (
     ConfigError,
+    Inconsistent,
     IpConfig,
     format_config,
-    names_every_property,
-    parse_config,
+    is_complete,
+    merge,
+    parse_properties,
+    validate,
 )
 
 log = logging.getLogger(__name__)
@@ -360,8 +372,15 @@ class HostView(View):
         """GET_IP_INFO for the adapter ``mac``, as ``config`` shows it."""
         return format_config(await self.host.get_ip_info(mac))
 
-    async def write_config(self, mac: str, data: bytes) -> None:
-        """One write(2) to ``net/<mac>/config``: SET_IP_INFO for that adapter."""
+    async def write_config(
+        self, mac: str, data: bytes, written: dict[str, object]
+    ) -> tuple[dict[str, object], bool]:
+        """One write(2) to ``net/<mac>/config`` after the properties ``written`` so
+        far in that open file: SET_IP_INFO for the adapter.
+
+        Returns every property written so far, and whether they were sent (False:
+        they wait for a write that makes them fit together).
+        """
         adapter = self.host.adapters.get(mac)
         if adapter is None:
             raise FsError(errno.ENOENT)
@@ -370,16 +389,18 @@ class HostView(View):
         try:
             text = data.decode("utf-8")
             # Form first: a malformed write sends nothing at all.
-            complete = names_every_property(text)
+            found = {**written, **parse_properties(text)}
         except (UnicodeDecodeError, ConfigError) as exc:
             log.error("host/net/%s/config: %s", mac, exc)
             raise FsError(errno.EINVAL, str(exc)) from None
-        current: IpConfig | None = None
-        if not complete:
-            current = await self.host.get_ip_info(mac)
+        current = IpConfig() if is_complete(found) else await self.host.get_ip_info(mac)
+        config = merge(current, found)
         try:
-            config = parse_config(text, current)
-        except ConfigError as exc:
+            validate(config)
+        except Inconsistent as exc:
+            if len([line for line in text.split("\n") if line.strip()]) <= 1:
+                log.info("host/net/%s/config: waiting for more: %s", mac, exc)
+                return found, False
             log.error("host/net/%s/config: %s", mac, exc)
             raise FsError(errno.EINVAL, str(exc)) from None
         try:
@@ -387,6 +408,7 @@ class HostView(View):
         except HostError as exc:
             log.error("host/net/%s/config: %s", mac, exc)
             raise
+        return found, True
 
     async def open_stream(self, path: Path, flags: int) -> Stream:
         node = await self.lookup(path)
@@ -438,6 +460,10 @@ class _ConfigStream(Stream):
         self._mac = mac
         self._text: bytes | None = None
         self._offset = 0
+        #: Every property written through this open file.
+        self._written: dict[str, object] = {}
+        #: Whether the last of them are still waiting to fit together.
+        self._waiting = False
 
     async def read(self, size: int) -> bytes:
         if self._text is None:
@@ -447,8 +473,17 @@ class _ConfigStream(Stream):
         return chunk
 
     async def write(self, data: bytes) -> int:
-        await self._view.write_config(self._mac, data)
+        self._written, sent = await self._view.write_config(self._mac, data, self._written)
+        self._waiting = not sent
         return len(data)
+
+    async def release(self) -> None:
+        if self._waiting:
+            log.error(
+                "host/net/%s/config closed with properties that never fitted together: "
+                "nothing was sent for them",
+                self._mac,
+            )
 
 
 class VmbusView(View):
