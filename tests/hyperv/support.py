@@ -101,16 +101,44 @@ def _mountinfo() -> str:
         return f.read()
 
 
-_MARKERS = ("kvpfs-hostsim", "kvpfs-realenv", " /dev/vmbus ", " /var/lib/hyperv ")
-_OUTSIDE = ("/dev/vmbus", hostsim.POOL_DIR)
+_MARKERS = (
+    "kvpfs-hostsim",
+    "kvpfs-realenv",
+    " /dev/vmbus ",
+    " /var/lib/hyperv ",
+    " /sys/class/net",
+    " /usr/libexec/hypervkvpd ",
+    " /etc/resolv.conf ",
+)
+_OUTSIDE = ("/dev/vmbus", hostsim.POOL_DIR, "/usr/libexec/hypervkvpd/hv_set_ifconfig")
+
+
+def _listing(path: str) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(os.listdir(path)))
+    except OSError:
+        return ()
+
+
+def _text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)
 class Outside:
-    """What a run must leave as it found it, seen from outside its namespace."""
+    """What a run must leave as it found it, seen from outside its namespaces."""
 
     mounts: tuple[int, ...]
     exists: tuple[bool, ...]
+    #: The host's network: its interfaces (sysfs and the kernel's list) and resolver.
+    interfaces: tuple[str, ...] = ()
+    links: str = ""
+    resolv_conf: str = ""
+    scripts: tuple[str, ...] = ()
 
     @classmethod
     def now(cls) -> Outside:
@@ -118,6 +146,10 @@ class Outside:
         return cls(
             tuple(mounts.count(marker) for marker in _MARKERS),
             tuple(os.path.exists(path) for path in _OUTSIDE),
+            _listing("/sys/class/net"),
+            _text("/proc/net/dev").split("\n", 2)[-1],
+            _text("/etc/resolv.conf"),
+            _listing("/usr/libexec/hypervkvpd"),
         )
 
 
@@ -132,6 +164,10 @@ def assert_nothing_left(
     after = Outside.now()
     assert after.mounts == before.mounts, f"mounts left: {_MARKERS} {before} {after}"
     assert after.exists == before.exists, f"files left: {_OUTSIDE} {before} {after}"
+    assert after.interfaces == before.interfaces, f"interfaces: {before} {after}"
+    assert _names(after.links) == _names(before.links), "the host's interfaces changed"
+    assert after.resolv_conf == before.resolv_conf, "the host's /etc/resolv.conf changed"
+    assert after.scripts == before.scripts, "the host's hypervkvpd scripts changed"
     for path in paths:
         assert not os.path.exists(path), f"{path} is left"
     for pid in pids:
@@ -140,6 +176,10 @@ def assert_nothing_left(
         except OSError:
             continue  # gone
         assert namespace and ns != namespace, f"process {pid} is still running"
+
+
+def _names(proc_net_dev: str) -> list[str]:
+    return sorted(line.split(":", 1)[0].strip() for line in proc_net_dev.splitlines() if ":" in line)
 
 
 def parse_markers(stdout: str, marker: str) -> list[str]:

@@ -288,3 +288,96 @@ def test_arguments() -> None:
     assert 3 in config.items and "VirtualMachineName" in config.items[3]
     config = hostsim.parse_args(["--no-host-items", "--host-item", "0:A=b=c", "x"])
     assert config.items == {0: {"A": "b=c"}} and config.command == ["x"]
+
+
+# -- network adapters ------------------------------------------------------------------
+
+
+def test_default_adapter_configuration() -> None:
+    require_real_environment()
+    before = Outside.now()
+    result = run_bounded(
+        hostsim_argv("--", "sh", "-c", "cat $KVPFS_MOUNT/host/net/*/config"), timeout=60
+    )
+    assert result.returncode == 0, result.report()
+    assert result.stdout == (
+        "IPAddresses=192.0.2.10\n"
+        "Subnets=255.255.255.0\n"
+        "DefaultGateways=192.0.2.1\n"
+        "DNSServers=192.0.2.53\n"
+        "DHCPEnabled=false\n"
+    )
+    assert_nothing_left(before)
+
+
+NIC_SESSION = r"""
+set -eu
+N=$KVPFS_MOUNT/host/net
+ls "$N" | tr '\n' ' '; echo
+cat /sys/class/net/eth1/device/device_id /sys/class/net/eth1/address
+cat "$N/00:15:5d:00:0b:02/config"
+ip -o addr show dev eth1 | awk '{print $4}'
+# A failover injection, line by line as bash writes it.
+printf 'IPAddresses=198.51.100.7\nSubnets=255.255.255.0\nDefaultGateways=198.51.100.1\n' > "$N/00:15:5d:00:0a:01/config"
+ip -o -4 addr show dev eth0 | awk '{print $4}'
+ip route show default
+cat /etc/resolv.conf | grep nameserver
+ls /sys/class/net | tr '\n' ' '; echo
+"""
+
+
+def test_nic_option_and_injection() -> None:
+    require_real_environment()
+    before = Outside.now()
+    guid = "0123abcd-4567-89ef-0123-456789abcdef"
+    result = run_bounded(
+        hostsim_argv(
+            "--nic",
+            f"eth1,mac=00-15-5D-00-0B-02,guid={{{guid.upper()}}},ip=198.51.100.20/24,"
+            "ip=2001:db8:1::20/64,dns=198.51.100.53",
+            "--",
+            "bash",
+            "-c",
+            NIC_SESSION,
+        ),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.report()
+    assert result.stdout.splitlines() == [
+        "00:15:5d:00:0a:01 00:15:5d:00:0b:02 ",
+        "{" + guid + "}",
+        "00:15:5d:00:0b:02",
+        "IPAddresses=198.51.100.20,2001:db8:1::20",
+        "Subnets=255.255.255.0,/64",
+        "DefaultGateways=",
+        "DNSServers=192.0.2.53,198.51.100.53",
+        "DHCPEnabled=false",
+        "198.51.100.20/24",
+        "2001:db8:1::20/64",
+        "198.51.100.7/24",
+        "default via 198.51.100.1 dev eth0 ",
+        "nameserver 192.0.2.53",
+        "nameserver 198.51.100.53",
+        "eth0 eth1 lo ",
+    ]
+    assert_nothing_left(before)
+
+
+def test_nic_arguments() -> None:
+    config = hostsim.parse_args(["--nic", "eth0,ip=198.51.100.7/24,gw=198.51.100.1", "x"])
+    (eth0,) = config.nics
+    assert eth0.addresses == ("198.51.100.7/24",) and eth0.gateways == ("198.51.100.1",)
+    assert eth0.dns == ("192.0.2.53",) and eth0.mac == "00:15:5d:00:0a:01"
+    config = hostsim.parse_args(["--nic", "eth1,dhcp", "--nic", "eth2,mac=00:15:5d:aa:bb:cc", "x"])
+    assert [n.name for n in config.nics] == ["eth0", "eth1", "eth2"]
+    assert config.nics[1].dhcp and config.nics[1].mac == "00:15:5d:00:0a:02"
+    assert config.nics[2].mac == "00:15:5d:aa:bb:cc"
+    for bad in (
+        "lo",
+        "eth1,ip=300.1.1.1/24",
+        "eth1,mac=01:00:5e:00:00:01",
+        "eth1,speed=10",
+        "eth1,mac=00:15:5d:00:0a:01",
+    ):
+        result = run_bounded(hostsim_argv("--nic", bad, "--", "true"), timeout=30)
+        assert result.returncode == 2 and "--nic" in result.stderr, (bad, result.report())
