@@ -206,29 +206,39 @@ def test_unsent_identical_events_merged_distinct_ones_kept(xenstored_embedded: S
 
 
 def test_event_counts_as_queued_until_its_last_byte_is_sent() -> None:
-    """The merge bookkeeping follows the stream: an event partly handed to the kernel
-    is still queued, a wholly sent one is not."""
+    """The merge bookkeeping follows the stream once a send leaves bytes behind: an
+    event partly handed to the kernel is still queued, a wholly sent one is not; @
+    events are never tracked."""
+
+    def event(payload: bytes) -> bytes:
+        return HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload
+
     a, b = socket.socketpair()
     with a, b:
         client = _Client(1, 0, a)
-        ev1, ev2 = b"E" * 24, b"F" * 30
-        frames = [b"R" * 16, ev1, b"S" * 20, ev2]
+        ev1, ev2, special = event(z(b"/a", b"t")), event(z(b"/b", b"t")), event(z(b"@x", b"t"))
+        reply = HEADER.pack(Op.WRITE, 1, 0, 3) + b"OK\0"
+        data = reply + ev1 + special + reply + ev2
         client.events.update((ev1, ev2))
-        client.place(frames, [(1, ev1), (3, ev2)])
-        assert list(client.marks) == [(40, ev1), (90, ev2)]
-        client.out += b"".join(frames)
-        del client.out[:39]
-        client.advance(39)
-        assert client.events == {ev1, ev2}
-        del client.out[:1]
+        # The kernel took the reply and all of ev1 but its last byte.
+        sent = len(reply) + len(ev1) - 1
+        client.block(data, sent)
+        client.out += data[sent:]
+        client.blocked = True
+        assert list(client.marks) == [(1, ev1), (len(data) - sent, ev2)]
+        ev3 = event(z(b"/c", b"t"))
+        client.events.add(ev3)
+        client.queue_blocked(reply + ev3 + special)
+        client.out += reply + ev3 + special
+        assert client.marks[-1] == (len(client.out) - len(special), ev3)
         client.advance(1)
-        assert client.events == {ev2}
-        del client.out[:49]
-        client.advance(49)
-        assert client.events == {ev2}
-        client.out.clear()
+        assert client.events == {ev2, ev3}
+        client.advance(len(special) + len(reply) + len(ev2) - 1)
+        assert client.events == {ev2, ev3}
         client.advance(1)
-        assert client.events == set() and not client.marks
+        assert client.events == {ev3}
+        client.unblock()
+        assert client.events == set() and not client.marks and not client.blocked
 
 
 # --------------------------------------------------------------------------- trio fast path

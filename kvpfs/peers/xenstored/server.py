@@ -168,14 +168,17 @@ class _Client:
         self.sock = sock
         #: Bytes accepted for this client and not yet taken by the kernel.
         self.out = bytearray()
-        #: Bytes handed to the kernel so far: ``out[0]`` is byte ``sent`` of the stream.
-        self.sent = 0
         #: Watch events accepted and not yet wholly handed to the kernel (XSA-326:
         #: an identical one is not queued again); ``@`` events are not kept here.
+        #: Until a send leaves bytes behind, every batch's bytes go at once and this
+        #: is just emptied; while ``blocked``, ``marks`` says when each one leaves.
         self.events: set[bytes] = set()
-        #: ``(end, frame)`` of each event in ``events`` once placed in the stream:
-        #: it has left when ``sent`` reaches ``end``.
+        #: While ``blocked``: ``(end, frame)`` of each event in ``events``, in
+        #: order; it has left once ``sent`` reaches ``end``.
         self.marks: deque[tuple[int, bytes]] = deque()
+        #: While ``blocked``: bytes sent since the block began (``out[0]`` is
+        #: byte ``sent`` of what was left then).
+        self.sent = 0
         #: The start of a request whose rest has not arrived yet.
         self.buf = b""
         #: The socket would block: the writer task owns sending until ``out`` drains.
@@ -193,38 +196,63 @@ class _Client:
 
     def discard_output(self) -> None:
         """Forget everything unsent (the connection is being dropped)."""
-        self.sent += len(self.out)
         self.out.clear()
         self.events.clear()
         self.marks.clear()
 
-    def advance(self, sent: int) -> None:
-        """``sent`` more bytes were handed to the kernel (and removed from ``out``)."""
-        self.sent += sent
+    def block(self, buf: bytes | bytearray, sent: int) -> None:
+        """The kernel took only ``sent`` bytes of ``buf`` (whole frames, holding
+        every unsent event): note where the events left behind end."""
+        self.sent = 0
+        events = self.events
+        if events:
+            events.clear()
+            marks = self.marks
+            for end, frame in _mergeable_events(buf, sent):
+                marks.append((end, frame))
+                events.add(frame)
+
+    def queue_blocked(self, data: bytes) -> None:
+        """``data`` (whole frames) goes behind ``out`` while blocked: note where its
+        events end."""
+        base = self.sent + len(self.out)
         marks = self.marks
-        if not marks:
-            return
-        if not self.out:
-            # All of it: every queued event has left.
-            marks.clear()
-            self.events.clear()
-            return
+        for end, frame in _mergeable_events(data, 0):
+            marks.append((base + end, frame))
+
+    def advance(self, sent: int) -> None:
+        """While blocked: ``sent`` more bytes left ``out``."""
+        self.sent += sent
         done = self.sent
+        marks = self.marks
         events = self.events
         while marks and marks[0][0] <= done:
             events.discard(marks.popleft()[1])
 
-    def place(self, frames: list[bytes], events: list[tuple[int, bytes]]) -> None:
-        """Note where the events among ``frames`` (``(index, frame)``) end in the
-        stream, ``frames`` being the next bytes after those queued."""
-        pos = self.sent + len(self.out)
-        marks = self.marks
-        i = 0
-        for index, frame in events:
-            while i <= index:
-                pos += len(frames[i])
-                i += 1
-            marks.append((pos, frame))
+    def unblock(self) -> None:
+        """``out`` has drained."""
+        self.marks.clear()
+        self.events.clear()
+        self.blocked = False
+
+
+def _mergeable_events(buf: bytes | bytearray, skip: int) -> list[tuple[int, bytes]]:
+    """``(end - skip, frame)`` of each non-``@`` event of ``buf`` (whole frames) that
+    ends past byte ``skip``."""
+    found = []
+    pos = 0
+    size = len(buf)
+    while pos < size:
+        end = pos + _HEADER_SIZE + _unpack_header(buf, pos)[3]
+        if (
+            end > skip
+            and buf[pos] == _EVENT
+            and end > pos + _HEADER_SIZE
+            and buf[pos + _HEADER_SIZE] != _AT
+        ):
+            found.append((end - skip, bytes(buf[pos:end])))
+        pos = end
+    return found
 
 
 class XenstoredServer:
@@ -505,14 +533,12 @@ class XenstoredServer:
         max_pending = self.max_pending_bytes
         pos = 0
         own: list[bytes] = []
-        #: (index in own, frame) of the merge-tracked events among own.
-        own_events: list[tuple[int, bytes]] = []
         while end - pos >= _HEADER_SIZE:
             mtype, req_id, tx_id, length = _unpack_header(view, pos)
             if length > XENSTORE_PAYLOAD_MAX:
                 # cxenstored drops a connection announcing an oversized payload.
                 self.stats.dropped_oversized += 1
-                self._send_batch(client, own, own_events)
+                self._send_batch(client, own)
                 return _ENDED
             stop = pos + _HEADER_SIZE + length
             if stop > end:
@@ -528,7 +554,6 @@ class XenstoredServer:
                             continue
                         if frame[_HEADER_SIZE] != _AT:
                             events.add(frame)
-                            own_events.append((len(own), frame))
                     if not own and dirty:
                         # Sent after the connections queued before it.
                         dirty[conn_id] = client
@@ -545,28 +570,26 @@ class XenstoredServer:
                 out += frame
                 if frame[_HEADER_SIZE] != _AT:
                     events.add(frame)
-                    other.marks.append((other.sent + len(out), frame))
+                    if other.blocked:
+                        other.marks.append((other.sent + len(out), frame))
                 if len(out) > max_pending:
                     self._drop_backlogged(other)
                 else:
                     dirty[target] = other
         # The receive buffer is shared by all connections: keep the leftover.
         client.buf = view[pos:end].tobytes() if pos < end else b""
-        self._send_batch(client, own, own_events)
+        self._send_batch(client, own)
         return state
 
-    def _send_batch(
-        self, client: _Client, own: list[bytes], own_events: list[tuple[int, bytes]]
-    ) -> None:
+    def _send_batch(self, client: _Client, own: list[bytes]) -> None:
         """Send what a batch of ``client``'s requests produced (``own``: the frames
-        for ``client``, ``own_events`` the tracked events among them), in the order
-        the connections got their first bytes, so that the events a request causes
-        elsewhere go before its reply."""
+        for ``client``), in the order the connections got their first bytes, so
+        that the events a request causes elsewhere go before its reply."""
         if own and client.conn_id not in self._dirty:
             # Its first frame came before any other connection's.
-            self._send_frames(client, own, own_events)
+            self._send_frames(client, own)
         if self._dirty:
-            self._flush_dirty(client, own, own_events)
+            self._flush_dirty(client, own)
 
     def _drop_backlogged(self, client: _Client) -> None:
         self.stats.dropped_backlog += 1
@@ -574,12 +597,7 @@ class XenstoredServer:
         self._dirty.pop(client.conn_id, None)
         client.close()
 
-    def _flush_dirty(
-        self,
-        me: _Client | None = None,
-        own: list[bytes] | None = None,
-        own_events: list[tuple[int, bytes]] | None = None,
-    ) -> None:
+    def _flush_dirty(self, me: _Client | None = None, own: list[bytes] | None = None) -> None:
         """Hand every queued byte to the kernel without blocking, a connection at a
         time in the order they were queued; a socket that is full is passed to its
         writer task.  ``own`` holds the frames for ``me``, whose batch this is:
@@ -587,22 +605,17 @@ class XenstoredServer:
         dirty = self._dirty
         for client in list(dirty.values()):
             if client is me and own:
-                self._send_frames(client, own, own_events)
+                self._send_frames(client, own)
             elif not client.blocked:
                 self._send(client, client.out)
         dirty.clear()
 
-    def _send_frames(
-        self,
-        client: _Client,
-        frames: list[bytes],
-        events: list[tuple[int, bytes]] | None = None,
-    ) -> None:
-        if events:
-            client.place(frames, events)
+    def _send_frames(self, client: _Client, frames: list[bytes]) -> None:
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         if client.out or client.blocked:
             # Behind bytes already queued: keep the order.
+            if client.blocked and client.events:
+                client.queue_blocked(data)
             client.out += data
             if not client.blocked:
                 self._send(client, client.out)
@@ -624,16 +637,18 @@ class XenstoredServer:
         if data is out:
             if sent == len(out):
                 out.clear()
-                client.advance(sent)
+                if client.events:
+                    client.events.clear()  # all sent
                 return
+            client.block(out, sent)
             del out[:sent]
-            client.advance(sent)
         elif sent == len(data):
-            client.advance(sent)
+            if client.events:
+                client.events.clear()  # all sent: nothing was queued before data
             return
         else:
+            client.block(data, sent)
             out += memoryview(data)[sent:]
-            client.advance(sent)
         client.blocked = True
         client.drained = trio.Event()
         client.wake.set()
@@ -655,7 +670,7 @@ class XenstoredServer:
                     return
                 del out[:sent]
                 client.advance(sent)
-            client.blocked = False
+            client.unblock()
             client.drained.set()
 
 
