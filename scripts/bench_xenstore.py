@@ -16,6 +16,11 @@ hits both alike.  The rate shown is the median of the rounds, with the spread
 (lowest-highest) beside it; the ratio is that of the medians.  The server's CPU
 time per operation (user + system, from /proc) is shown too: it varies much less
 with outside load than the rate does.
+
+The embedded server inherits ``KVPFS_TRIO_FASTPATH`` (see
+kvpfs/peers/xenstored/trio_fastpath.py): run once with ``=1`` and once with ``=0`` to
+compare the fast path with the public-API-only fallback.  The first line printed
+says which one ran.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import trio  # noqa: E402
+
+from kvpfs.peers.xenstored import trio_fastpath  # noqa: E402
 from kvpfs.xenstore.protocol import HEADER, Op  # noqa: E402
 
 XENSTORED = "/usr/lib/xen-4.17/bin/xenstored"
@@ -349,6 +357,13 @@ def main() -> int:
         SERVER_CPU = server_cpu
         os.sched_setaffinity(0, {client_cpu})
 
+    switch = os.environ.get(trio_fastpath.ENV)
+    print(
+        f"embedded server: trio fast path {'on' if trio_fastpath.ENABLED else 'off'} "
+        f"({trio_fastpath.ENV}={switch if switch is not None else '(unset)'}, "
+        f"trio {trio.__version__})",
+        flush=True,
+    )
     shim = build_shim()
     if shim is None:
         print("cxenstored 4.17 or gcc missing: only the embedded server is measured")
