@@ -1079,18 +1079,31 @@ class Transaction(_Ops):
 
 
 async def read_many(client: XenStoreClient, paths: Sequence[str]) -> dict[str, bytes | None]:
-    """Read ``paths``; a missing node is None.
+    """Read ``paths``, all requests in flight at once; a missing node is None.
 
     So is a node the connection may not read: a guest asking for a node below a
     removed directory of dom0's gets EACCES, not ENOENT, and for a driver both
-    mean the peer is gone.
+    mean the peer is gone.  (Pipelined: the replies to a dozen reads cost about one
+    round trip, which is what makes a summary of each of 4,000 devices cheap.)
     """
     out: dict[str, bytes | None] = {}
-    for path in paths:
+
+    async def one(path: str) -> None:
         try:
             out[path] = await client.read(path)
         except XenStoreError as exc:
             if exc.errno not in (errno.ENOENT, errno.EACCES):
                 raise
             out[path] = None
-    return out
+
+    if len(paths) == 1:
+        await one(paths[0])
+        return out
+    try:
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(one, path)
+    except BaseExceptionGroup as group:
+        # One read's error is the caller's, as when they were read in turn.
+        raise group.exceptions[0] from None
+    return {path: out[path] for path in paths}
