@@ -10,6 +10,7 @@ a reply, drop it, or make the daemon go away.
 from __future__ import annotations
 
 import errno
+import ipaddress
 from dataclasses import dataclass, field
 
 import trio
@@ -19,6 +20,29 @@ from kvpfs.peers.hyperv import message as m
 from kvpfs.peers.hyperv.device import DeviceHandle, KvpDevice
 
 AUTO_ITEMS = [(b"FullyQualifiedDomainName", b"guest.example"), (b"OSName", b"FakeOS")]
+
+
+@dataclass
+class FakeNic:
+    """An interface as the daemon's IP requests see it (lists joined by ";")."""
+
+    mac: str  # upper case with colons, as the daemon compares it
+    guid: str  # "{...}" lower case, as sysfs shows it
+    ip_addr: bytes = b""
+    sub_net: bytes = b""
+    gate_way: bytes = b""
+    dns_addr: bytes = b""
+    dhcp_enabled: int = 0
+
+
+def _valid(items: bytes) -> bool:
+    for item in items.decode().split(";"):
+        if item:
+            try:
+                ipaddress.ip_address(item)
+            except ValueError:
+                return False
+    return True
 
 
 @dataclass(eq=False)
@@ -34,6 +58,7 @@ class FakeDaemon:
     drop_next: bool = False
     version: bytes = b""
     stream: DeviceHandle | None = None
+    nics: list[FakeNic] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.go.set()
@@ -97,4 +122,42 @@ class FakeDaemon:
                 return cont, request
             key, value = items[request.index]
             return ok, m.EnumerateMessage(request.pool, request.index, key, value)
+        if isinstance(request, m.IpInfoMessage):
+            return self.handle_ip(request)
         return ok, request
+
+    def handle_ip(self, request: m.IpInfoMessage) -> tuple[int, m.Message]:
+        """As the real daemon: GET by MAC (HV_E_FAIL if none), SET by GUID
+        (HV_GUID_NOTFOUND), an item that is no address HV_INVALIDARG."""
+        if request.op == m.Op.GET_IP_INFO:
+            for nic in self.nics:
+                if nic.mac.encode() == request.adapter_id:
+                    family = 0
+                    for item in nic.ip_addr.decode().split(";"):
+                        if item:
+                            version = ipaddress.ip_address(item).version
+                            family |= m.ADDR_FAMILY_IPV4 if version == 4 else m.ADDR_FAMILY_IPV6
+                    tail = b";" if nic.ip_addr else b""
+                    return int(m.Status.OK), m.IpInfoMessage(
+                        request.op,
+                        request.pool,
+                        request.adapter_id,
+                        family,
+                        nic.dhcp_enabled if nic.ip_addr else 0,
+                        nic.ip_addr,
+                        nic.sub_net,
+                        nic.gate_way + tail if nic.gate_way else b"",
+                        nic.dns_addr + tail if nic.ip_addr and nic.dns_addr else b"",
+                    )
+            return int(m.Status.E_FAIL), request
+        for nic in self.nics:
+            if nic.guid.encode() == request.adapter_id:
+                if not all(
+                    _valid(f) for f in (request.ip_addr, request.gate_way, request.dns_addr)
+                ):
+                    return int(m.Status.INVALIDARG), request
+                nic.ip_addr, nic.sub_net = request.ip_addr, request.sub_net
+                nic.gate_way, nic.dns_addr = request.gate_way, request.dns_addr
+                nic.dhcp_enabled = request.dhcp_enabled
+                return int(m.Status.OK), request
+        return int(m.Status.GUID_NOTFOUND), request

@@ -271,9 +271,8 @@ class HostView(View):
         if not path:
             raise FsError(errno.EISDIR)
         if path[0] == NET_DIR:
-            node = self._net_node(path)
-            if node.kind is NodeKind.DIR:
-                raise FsError(errno.EISDIR if len(path) > 1 else errno.EPERM)
+            if len(path) > 1:
+                self._net_node(path[:-1])  # ENOENT for a directory that is not there
             raise FsError(errno.EROFS if self.read_only else errno.EPERM)
         if path[0] not in POOL_DIRS:
             raise FsError(errno.EROFS if self.read_only else errno.EPERM)
