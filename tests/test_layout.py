@@ -18,7 +18,10 @@ PURE = {
     "kvpfs.peers.xenstored.store", "kvpfs.peers.hyperv.message",
 }
 #: The composition roots: the only modules that start peers and assemble views.
-ROOTS = {"kvpfs.compose", "kvpfs.cli", "kvpfs.peers.hyperv.hostsim"}
+ROOTS = {
+    "kvpfs.compose", "kvpfs.cli", "kvpfs.peers.hyperv.hostsim",
+    "kvpfs.testing", "kvpfs.pytest_plugin",
+}
 
 
 PACKAGES = {
