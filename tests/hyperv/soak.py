@@ -1,9 +1,15 @@
 """The soak: host SET/DELETE interleaved with guest writes and a cloud-init-style appender.
 
-Four parties work at once on the real daemon's pools:
+Five parties work at once on the real daemon:
 
 * the host (this task): ``ops`` SETs and DELETEs on pools 0 and 3, with an
-  enumeration of the guest pool every 300 operations;
+  enumeration of the guest pool every 300 operations and IP requests between
+  them: every 100 operations a GET_IP_INFO of eth0, which must show the
+  configuration last injected, and every 200 a SET_IP_INFO switching eth0
+  between two configurations;
+* a network reader (a worker thread) reading ``host/net/<mac>/config`` through
+  the mount four times a second: always one of the two configurations, whole.
+  (A GET costs the daemon four shell pipelines per address, tens of ms.)
 * the guest, through ``kvp/guest`` (a worker thread): writes and removes;
 * an appender process adding records to pool 1 as cloud-init does (flock);
 * a reader (a worker thread) listing and reading ``kvp/external`` and
@@ -34,6 +40,18 @@ from kvpfs.kvp.names import key_to_name
 from kvpfs.kvp.records import parse
 from kvpfs.peers.hyperv.host import HostError
 from kvpfs.peers.hyperv.hostsim import POOL_DIR, Environment, default_items
+from kvpfs.peers.hyperv.ipconfig import IpConfig, format_config
+
+#: The two configurations the soak switches eth0 between (the first is its start).
+IP_CONFIGS = (
+    IpConfig(("192.0.2.10",), ("255.255.255.0",), ("192.0.2.1",), ("192.0.2.53",)),
+    IpConfig(
+        ("198.51.100.7", "2001:db8::7"),
+        ("255.255.255.0", "/64"),
+        ("198.51.100.1", "2001:db8::1"),
+        ("198.51.100.53",),
+    ),
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GUEST_KEYS = 40
@@ -131,6 +149,17 @@ def _reader(
         time.sleep(0.005)
 
 
+def _net_reader(path: str, stop: threading.Event, errors: list[str], counts: list[int]) -> None:
+    allowed = {format_config(config) for config in IP_CONFIGS}
+    while not stop.is_set():
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        counts[2] += 1
+        if text not in allowed:
+            errors.append(f"net reader: {text!r}")
+        time.sleep(0.25)
+
+
 async def run_soak(env: Environment, *, ops: int, seed: int = 20240601) -> None:
     rng = random.Random(seed)
     host = env.host
@@ -140,7 +169,9 @@ async def run_soak(env: Environment, *, ops: int, seed: int = 20240601) -> None:
     guest_ops = max(ops // 3, 1)
     appends = max(ops // 10, 1)
     stop = threading.Event()
-    reader_counts = [0, 0]
+    reader_counts = [0, 0, 0]
+    ((mac, adapter),) = list(host.adapters.items())[:1]
+    ip_state = {"current": 0, "gets": 0, "sets": 0}
     results: dict[str, object] = {}
     started = time.monotonic()
 
@@ -166,6 +197,20 @@ async def run_soak(env: Environment, *, ops: int, seed: int = 20240601) -> None:
     async def reader() -> None:
         await trio.to_thread.run_sync(_reader, kvp, model, stop, errors, reader_counts)
 
+    async def net_reader() -> None:
+        path = env.path("host", "net", mac, "config")
+        await trio.to_thread.run_sync(_net_reader, path, stop, errors, reader_counts)
+
+    async def ip_request(i: int) -> None:
+        if i % 200 == 199:
+            ip_state["current"] ^= 1
+            await host.set_ip_info(adapter.guid, IP_CONFIGS[ip_state["current"]])
+            ip_state["sets"] += 1
+        elif i % 100 == 99:
+            seen = await host.get_ip_info(mac)
+            assert seen == IP_CONFIGS[ip_state["current"]], seen
+            ip_state["gets"] += 1
+
     def check_guest_item(key: str, value: str) -> None:
         if key.startswith("G"):
             ok = value.startswith(key + "=")
@@ -178,6 +223,7 @@ async def run_soak(env: Environment, *, ops: int, seed: int = 20240601) -> None:
         nursery.start_soon(appender)
         nursery.start_soon(guest)
         nursery.start_soon(reader)
+        nursery.start_soon(net_reader)
         sets = deletes = missing = 0
         for i in range(ops):
             pool = 0 if rng.random() < 0.7 else 3
@@ -202,6 +248,7 @@ async def run_soak(env: Environment, *, ops: int, seed: int = 20240601) -> None:
                 else:
                     assert expected, f"DELETE of {key} in pool {pool} found a record"
                     deletes += 1
+            await ip_request(i)
             if i % 300 == 299:
                 enumeration = await host.items(1)
                 assert enumeration.complete, enumeration.end_status
@@ -213,6 +260,7 @@ async def run_soak(env: Environment, *, ops: int, seed: int = 20240601) -> None:
         stop.set()
 
     assert not errors, errors[:20]
+    assert await host.get_ip_info(mac) == IP_CONFIGS[ip_state["current"]]
     # The host pools: record by record, in the daemon's order.
     assert _records(0) == model.pools[0]
     assert _records(3) == model.pools[3]
@@ -240,6 +288,8 @@ async def run_soak(env: Environment, *, ops: int, seed: int = 20240601) -> None:
         f"soak: {ops} host ops ({sets} SET, {deletes} DELETE, {missing} DELETE of a missing "
         f"key) in {host_done - started:.2f} s; {guest_ops} guest ops, {appends} appended "
         f"records, {reader_counts[0]} listings and {reader_counts[1]} reads checked; "
+        f"{ip_state['gets']} GET_IP_INFO, {ip_state['sets']} SET_IP_INFO and "
+        f"{reader_counts[2]} reads of host/net/{mac}/config; "
         f"{host.requests} requests in all; final pools 0/1/3: {len(model.pools[0])}/"
         f"{len(records1)}/{len(model.pools[3])} records",
         flush=True,
