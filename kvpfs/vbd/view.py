@@ -27,10 +27,13 @@ invalidations.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 import trio
 
@@ -42,8 +45,12 @@ from kvpfs.vbd.states import XenbusState, parse_state, state_name
 from kvpfs.vbd.toolstack import Toolstack, VbdError
 from kvpfs.vbd.vdev import decode
 from kvpfs.xenstore.client import WatchEvent, WatchGap, XenStoreClient, XenStoreError, read_many
+from kvpfs.xenstore.errnos import fs_error
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = ["SUMMARY_FILES", "VbdView"]
 
@@ -78,6 +85,22 @@ _BACKEND_KEYS = (
     "hotplug-error",
     "frontend",
 )
+
+
+def _xenstore_errnos(
+    fn: Callable[P, Awaitable[R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """A XenStoreError leaving ``fn`` becomes the FsError ``xenstore/`` gives for it
+    (one table, kvpfs.xenstore.errnos); the toolstack's VbdError keeps its errno."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except XenStoreError as exc:
+            raise fs_error(exc) from None
+
+    return wrapper
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +348,7 @@ class VbdView(View):
 
     # ------------------------------------------------------------------ View API
 
+    @_xenstore_errnos
     async def lookup(self, path: Path) -> Node:
         if path == ():
             return Node(NodeKind.DIR, writable=True)
@@ -340,6 +364,7 @@ class VbdView(View):
             return Node(NodeKind.DIR)
         return _node(summary, path[1])
 
+    @_xenstore_errnos
     async def listdir(self, path: Path) -> list[tuple[str, Node]]:
         if path == ():
             entries = [(ATTACH, await self.lookup((ATTACH,)))]
@@ -358,6 +383,7 @@ class VbdView(View):
         names = [*summary.files, *summary.links]
         return [(n, _node(summary, n)) for n in names]
 
+    @_xenstore_errnos
     async def read(self, path: Path) -> bytes:
         if path == (ATTACH,):
             return b""
@@ -370,6 +396,7 @@ class VbdView(View):
             raise FsError(errno.ENOENT)
         return value
 
+    @_xenstore_errnos
     async def write(self, path: Path, value: bytes) -> None:
         await self.lookup(path)
         raise FsError(errno.EACCES)
@@ -382,6 +409,7 @@ class VbdView(View):
     async def check_new_name(self, path: Path) -> None:
         raise FsError(errno.EPERM)
 
+    @_xenstore_errnos
     async def remove(self, path: Path) -> None:
         await self.lookup(path)
         raise FsError(errno.EPERM)
@@ -389,6 +417,7 @@ class VbdView(View):
     async def rename(self, old: Path, new: Path, *, replace: bool) -> None:
         raise FsError(errno.EPERM)
 
+    @_xenstore_errnos
     async def rmdir(self, path: Path) -> None:
         key = parse_xbdback_name(path[0]) if len(path) == 1 else None
         if key is None:
@@ -398,6 +427,7 @@ class VbdView(View):
 
     # ------------------------------------------------------------------ operations
 
+    @_xenstore_errnos
     async def attach(self, request: bytes) -> tuple[int, int]:
         """``<domid|name> <disk spec>`` → attach; returns (domid, devid)."""
         text = request.decode("utf-8", "surrogateescape")
@@ -429,6 +459,7 @@ class VbdView(View):
             self._report(self._sink, key)
         return paths.domid, paths.devid
 
+    @_xenstore_errnos
     async def detach(self, domid: int, devid: int) -> None:
         key = (domid, devid)
         if key in self._failed and not await self._backend_exists(key):

@@ -69,6 +69,7 @@ from kvpfs.xenstore.client import (
     XenStoreClient,
     XenStoreError,
 )
+from kvpfs.xenstore.errnos import fs_error
 from kvpfs.xenstore.protocol import (
     XENSTORE_PAYLOAD_MAX,
     Access,
@@ -105,30 +106,6 @@ FETCH_CONCURRENCY = 128
 DEFAULT_TIMEOUT = 10.0
 #: Scheduler passes an answer from the cache waits at most for the watch task.
 CATCH_UP_PASSES = 16
-
-# Errno of a XenStore error as a file operation sees it (README, "XenStore errors").
-# Connection trouble (ECONNRESET, ENOTCONN, ESHUTDOWN, ETIMEDOUT) and the server's
-# EIO/ENOMEM/ENOSYS/EBUSY/EISCONN are all EIO.
-_ERRNO = {
-    errno.ENOENT: errno.ENOENT,
-    errno.EACCES: errno.EACCES,
-    errno.EPERM: errno.EPERM,
-    errno.EEXIST: errno.EEXIST,
-    errno.EINVAL: errno.EINVAL,
-    errno.ENOTEMPTY: errno.ENOTEMPTY,
-    errno.EISDIR: errno.EISDIR,
-    errno.EROFS: errno.EROFS,
-    errno.EAGAIN: errno.EAGAIN,
-    # A value that does not fit one 4096-byte message.
-    errno.E2BIG: errno.EFBIG,
-    # A guest's quotas: nodes owned, node size, permission entries, transactions.
-    errno.ENOSPC: errno.EDQUOT,
-}
-
-
-def _fs_error(exc: XenStoreError) -> FsError:
-    code = _ERRNO.get(exc.errno or errno.EIO, errno.EIO)
-    return FsError(code, f"xenstore: {exc}")
 
 
 def _xs(path: Path) -> str:
@@ -537,7 +514,7 @@ class XenStoreView(View):
         try:
             return await coro
         except XenStoreError as exc:
-            raise _fs_error(exc) from None
+            raise fs_error(exc) from None
 
     async def _single(self, key: tuple[str, Path], fetch: Callable[[], Awaitable[T]]) -> T:
         """Run ``fetch`` once for all concurrent askers of ``key``."""
@@ -589,7 +566,7 @@ class XenStoreView(View):
                 if self._may_store(snap, path):
                     self._store_absent(path)
                 return _ABSENT
-            raise _fs_error(exc) from None
+            raise fs_error(exc) from None
         if self._may_store(snap, path):
             self._store_kids(path, got.kids)
             if got.value is not None:
@@ -837,7 +814,7 @@ class XenStoreView(View):
         try:
             return await self._guest_perms(client, xs)
         except XenStoreError as exc:
-            raise _fs_error(exc) from None
+            raise fs_error(exc) from None
 
     async def write(self, path: Path, value: bytes) -> None:
         xs = self._new(path)
@@ -973,7 +950,7 @@ class XenStoreView(View):
         try:
             await client.run_in_transaction(fn)
         except XenStoreError as exc:
-            raise _fs_error(exc) from None
+            raise fs_error(exc) from None
 
     # ------------------------------------------------------------------ introspection
 
