@@ -5,6 +5,11 @@ file; the buffer is committed to the view on flush (only if written since the
 last commit), on fsync, and on release (a create, O_TRUNC open or truncate with
 no write after it).  Errors surface from flush and fsync so close() and editors
 see them; release happens after close() returned and can only log.
+
+Errors (the seam's contract, :mod:`kvpfs.fs.view`): a view's :class:`FsError`
+gives its errno; anything else a view raises is logged once, with its traceback,
+at the logger of the view's module and answered EIO, as is any failure of this
+layer itself.
 """
 
 from __future__ import annotations
@@ -97,10 +102,10 @@ def fuse_op(
         except trio.TooSlowError:
             log.error("%s: the store did not answer in time", func.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        except OSError as exc:
-            log.warning("%s: %s", func.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
+            # Views' own failures arrive here as FsError already (Operations._call);
+            # this is the FUSE layer's.  No OSError passes its errno through: only
+            # an FsError says which errno the caller gets.
             log.exception("%s failed", func.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
@@ -113,6 +118,15 @@ _TOP_DIR = Node(NodeKind.DIR, writable=False)
 
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
+
+
+def _broken(callee: View | Stream, exc: Exception) -> FsError:
+    """A view broke the seam's contract (raised something not FsError): say so once,
+    with the traceback, where the view logs, and give the caller EIO."""
+    logging.getLogger(type(callee).__module__).error(
+        "%s raised %s, answered EIO", type(callee).__name__, type(exc).__name__, exc_info=exc
+    )
+    return FsError(errno.EIO, f"{type(callee).__name__}: {exc}")
 
 
 class Operations(pyfuse3.Operations):
@@ -147,11 +161,27 @@ class Operations(pyfuse3.Operations):
         return inode
 
     async def _call(self, callee: View | Stream, coro: Awaitable[R]) -> R:
-        if callee.bounds_own_calls:
-            # A cancel scope costs as much as the rest of a cached lookup.
+        """Await a view's (or stream's) call, bounded by the store timeout unless the
+        view bounds its own calls; whatever it raises leaves as FsError."""
+        try:
+            if callee.bounds_own_calls:
+                # A cancel scope costs as much as the rest of a cached lookup.
+                return await coro
+            with trio.fail_after(self.options.store_timeout):
+                return await coro
+        except (FsError, trio.TooSlowError):
+            raise
+        except Exception as exc:
+            raise _broken(callee, exc) from None
+
+    async def _call_unbounded(self, callee: View | Stream, coro: Awaitable[R]) -> R:
+        """:meth:`_call` without a deadline (a device read may wait for data)."""
+        try:
             return await coro
-        with trio.fail_after(self.options.store_timeout):
-            return await coro
+        except FsError:
+            raise
+        except Exception as exc:
+            raise _broken(callee, exc) from None
 
     def _pending_handle(self, inode: Inode) -> OpenFile | None:
         pending = inode.pending
@@ -569,7 +599,7 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EBADF)
         if handle.stream is not None:
             # No timeout: a device read legitimately waits until there is data.
-            return await handle.stream.read(size)
+            return await self._call_unbounded(handle.stream, handle.stream.read(size))
         return bytes(handle.buffer[off : off + size])
 
     @fuse_op
@@ -643,7 +673,7 @@ class Operations(pyfuse3.Operations):
         ino = handle.inode
         try:
             if handle.stream is not None:
-                await handle.stream.release()
+                await self._call_unbounded(handle.stream, handle.stream.release())
             elif handle.pending:
                 await self._commit(handle)
         except FsError as exc:
@@ -688,7 +718,13 @@ class Operations(pyfuse3.Operations):
         handle = self._files.get(fh)
         if handle is None or handle.stream is None:
             return select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
-        return handle.stream.poll(poll_handle.notify if poll_handle is not None else None)
+        stream = handle.stream
+        try:
+            return stream.poll(poll_handle.notify if poll_handle is not None else None)
+        except FsError:
+            raise
+        except Exception as exc:
+            raise _broken(stream, exc) from None
 
     # ---------------------------------------------------------------- names
 

@@ -3,8 +3,14 @@
 A view owns one top-level directory of the mount (``kvp``, ``xenstore``, ...).
 It sees paths as tuples of filenames below that directory and never sees inodes,
 file handles, editor scratch files or the text convention: those belong to the
-FUSE layer.  Views raise :class:`kvpfs.errors.FsError` with the errno the caller
-must get; anything else is a bug and becomes EIO.
+FUSE layer.
+
+Errors: views (and their streams) raise :class:`kvpfs.errors.FsError` with the
+errno the caller must get, and only that errno ever reaches the caller.  A view
+maps its store's errors itself, through one table per store (XenStore's is
+``kvpfs.xenstore.errnos``).  Anything else a view raises, an OSError included, is
+a bug: the FUSE layer logs it once, with its traceback, at the logger of the
+view's module (``logging.getLogger(type(view).__module__)``), and answers EIO.
 """
 
 from __future__ import annotations
