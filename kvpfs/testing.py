@@ -25,11 +25,13 @@ import errno
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EmbeddedXenstored",
     "KvpfsMount",
+    "KvpfsMountWarning",
     "MountUnavailable",
     "Xenstored",
     "fuse_unavailable",
@@ -67,6 +70,14 @@ TIMEOUT = 30.0
 _PACKAGE_PARENT = str(Path(kvpfs.__file__).resolve().parent.parent)
 #: A unix socket path holds at most 107 bytes; our names below a directory need 20.
 _SOCKET_DIR_MAX = 80
+
+
+#: How long the process may take to end after ``kvpfs unmount`` before SIGTERM.
+_UNMOUNT_WAIT = 5.0
+
+
+class KvpfsMountWarning(UserWarning):
+    """A mount's stop had to be forced (signals, a lazy unmount)."""
 
 
 class MountUnavailable(Exception):
@@ -406,7 +417,7 @@ class KvpfsMount:
         self.xenstored: Xenstored | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._runtime: Path | None = None
-        self._killed = False
+        self._signalled = False
 
     def __repr__(self) -> str:
         return f"<KvpfsMount {self.root}>"
@@ -490,10 +501,13 @@ class KvpfsMount:
 
     def stop(self, *, check: bool = True) -> None:
         """Unmount and wait for the process, whatever state the mount is in:
-        ``kvpfs unmount``, then a kill and a lazy unmount.  With ``check``, raise if
-        the mount had to be forced or the process ended with an error."""
+        ``kvpfs unmount``; if the process still serves (a file left open in the
+        mount keeps a lazily detached mount alive) SIGTERM, then SIGKILL; a lazy
+        unmount if the kernel still lists it.  Forcing is reported as a
+        :class:`KvpfsMountWarning`; with ``check`` a process that ended with an
+        error on its own (a crash) raises :class:`RuntimeError`."""
         process = self.process
-        problems = []
+        forced = []
         if process is not None and process.poll() is None and mounted_at(str(self.root)):
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
                 subprocess.run(
@@ -502,23 +516,39 @@ class KvpfsMount:
                     check=False, env={**os.environ, "PYTHONPATH": _PACKAGE_PARENT},
                 )
         if process is not None:
-            try:
-                process.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                problems.append("the kvpfs process did not end after `kvpfs unmount`: killed")
-                self._killed = True
+            sent = []
+            for signal_number, wait in ((None, _UNMOUNT_WAIT), (signal.SIGTERM, TIMEOUT)):
+                if signal_number is not None:
+                    sent.append(signal.Signals(signal_number).name)
+                    self._signalled = True
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(signal_number)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(wait)
+                    break
+            else:
+                sent.append("SIGKILL")
                 process.kill()
                 process.wait(TIMEOUT)
+            if sent:
+                forced.append(
+                    "the kvpfs process did not end after `kvpfs unmount` (a file or "
+                    f"directory still open in the mount?): sent {', '.join(sent)}"
+                )
         if mounted_at(str(self.root)):
             force_unmount(str(self.root))
-            problems.append("the mount was still listed: detached lazily")
+            forced.append("the mount was still listed: detached it lazily")
         self._cleanup()
+        if forced:
+            warnings.warn(KvpfsMountWarning(f"{self.root}: {'; '.join(forced)}"), stacklevel=2)
         if mounted_at(str(self.root)):
             raise RuntimeError(f"{self.root} is still mounted")
-        if process is not None and not self._killed and process.returncode not in (0, None):
-            problems.append(f"the kvpfs process exited with status {process.returncode}")
-        if check and problems:
-            raise RuntimeError("; ".join(problems) + f"\nits log:\n{self.log()}")
+        status = None if process is None else process.returncode
+        if check and not self._signalled and status not in (0, None):
+            raise RuntimeError(
+                f"the kvpfs process of {self.root} exited with status {status}; its log:\n"
+                f"{self.log()}"
+            )
 
     def _cleanup(self) -> None:
         if self._runtime is not None:
