@@ -2,9 +2,16 @@
 """Benchmark the simulated Hyper-V host against the real hv_kvp_daemon (root only).
 
     .venv/bin/python scripts/bench_hostsim.py [--samples N] [--keys N] [--rounds N]
+                                              [--ip-samples N]
 
-Runs in a private mount namespace as ``kvpfs hostsim`` does (nothing is left
-behind) and prints:
+Runs in private mount and network namespaces as ``kvpfs hostsim`` does (nothing
+is left behind), with its default adapter eth0, and prints:
+
+* IP requests: GET_IP_INFO and SET_IP_INFO round trips through the host API and
+  through ``host/net/<mac>/config`` (a ``read`` of the file; a write of a whole
+  configuration), with one address and with an IPv4 and an IPv6 one (the
+  daemon runs its helper pipelines once per address); a SET alternates
+  between two configurations, each applied by hostsim's ``hv_set_ifconfig``;
 
 * host SET → visible in ``kvp/``: a new key set by the host, until a
   ``stat`` of ``kvp/external/KEY`` from another thread succeeds; also the SET
@@ -34,6 +41,8 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvpfs.peers.hyperv import hostsim
+from kvpfs.peers.hyperv.ipconfig import IpConfig, format_config
+from kvpfs.peers.hyperv.netns import SyntheticNetwork, default_nics
 
 
 def pct(values: list[float], q: float) -> float:
@@ -103,12 +112,79 @@ async def latency(env: hostsim.Environment, samples: int) -> None:
     print(f"  write host/external -> visible in kvp/ {ms(by_file)}")
 
 
-async def main(args: argparse.Namespace) -> None:
+IP_CONFIGS = (
+    IpConfig(("192.0.2.10",), ("255.255.255.0",), ("192.0.2.1",), ("192.0.2.53",)),
+    IpConfig(("192.0.2.20",), ("255.255.255.0",), ("192.0.2.1",), ("192.0.2.54",)),
+)
+DUAL_CONFIGS = (
+    IpConfig(
+        ("192.0.2.10", "2001:db8::10"),
+        ("255.255.255.0", "/64"),
+        ("192.0.2.1", "2001:db8::1"),
+        ("192.0.2.53",),
+    ),
+    IpConfig(
+        ("192.0.2.20", "2001:db8::20"),
+        ("255.255.255.0", "/64"),
+        ("192.0.2.1", "2001:db8::1"),
+        ("192.0.2.54",),
+    ),
+)
+
+
+async def ip_latency(env: hostsim.Environment, samples: int) -> None:
+    """GET_IP_INFO and SET_IP_INFO of eth0, by API and through the mount."""
+    ((mac, adapter),) = list(env.host.adapters.items())[:1]
+    path = env.path("host", "net", mac, "config")
+
+    def read_config() -> str:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    def write_config(text: str) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    for label, configs in (("one IPv4 address", IP_CONFIGS), ("IPv4 + IPv6", DUAL_CONFIGS)):
+        await env.host.set_ip_info(adapter.guid, configs[0])
+        get_api: list[float] = []
+        get_file: list[float] = []
+        set_api: list[float] = []
+        set_file: list[float] = []
+        for i in range(samples):
+            started = time.perf_counter()
+            seen = await env.host.get_ip_info(mac)
+            get_api.append(time.perf_counter() - started)
+            assert seen == configs[i % 2], seen
+            started = time.perf_counter()
+            text = await thread(read_config)
+            get_file.append(time.perf_counter() - started)
+            assert text == format_config(configs[i % 2])
+            started = time.perf_counter()
+            await env.host.set_ip_info(adapter.guid, configs[(i + 1) % 2])
+            set_api.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await thread(write_config, format_config(configs[i % 2]))
+            set_file.append(time.perf_counter() - started)
+            await env.host.set_ip_info(adapter.guid, configs[(i + 1) % 2])
+        print(f"\nIP requests for eth0, {label} ({samples} samples):")
+        print(f"  GET_IP_INFO (API)                      {ms(get_api)}")
+        print(f"  read host/net/<mac>/config             {ms(get_file)}")
+        print(f"  SET_IP_INFO (API, hv_set_ifconfig)     {ms(set_api)}")
+        print(f"  write host/net/<mac>/config (5 lines)  {ms(set_file)}")
+
+
+async def main(args: argparse.Namespace, network: SyntheticNetwork) -> None:
     config = hostsim.Config(command=["-"], daemon=hostsim.find_daemon(), items={})
     mountpoint = tempfile.mkdtemp(prefix="kvpfs-hostsim-bench-")
     try:
-        async with hostsim.environment(config, mountpoint) as env:
+        async with hostsim.environment(config, mountpoint, network=network) as env:
             print(f"hv_kvp_daemon {config.daemon}, {os.cpu_count()} CPUs")
+            if args.ip_samples:
+                await ip_latency(env, args.ip_samples)
             await latency(env, args.samples)
             started = time.perf_counter()
             for i in range(args.keys):
@@ -149,12 +225,17 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ip-samples", type=int, default=50)
     arguments = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_hostsim: needs root (a private mount namespace, like kvpfs hostsim)")
     try:
         hostsim.enter_private_namespace()
         hostsim.prepare_filesystems()
+        synthetic = hostsim.prepare_network(default_nics())
     except hostsim.HostsimError as exc:
         sys.exit(f"bench_hostsim: {exc}")
-    trio.run(main, arguments)
+    try:
+        trio.run(main, arguments, synthetic)
+    finally:
+        synthetic.close()

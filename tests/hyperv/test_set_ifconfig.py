@@ -79,14 +79,15 @@ def test_parse_refusals(text: str) -> None:
 def test_plan_static() -> None:
     commands, dns = si.plan(si.parse_ifcfg(DAEMON_IFCFG), None)
     assert commands == [
-        ["ip", "addr", "flush", "dev", "eth0"],
-        ["ip", "-4", "route", "flush", "exact", "0.0.0.0/0", "dev", "eth0"],
-        ["ip", "-6", "route", "flush", "exact", "::/0", "dev", "eth0"],
-        ["ip", "link", "set", "eth0", "up"],
-        ["ip", "addr", "add", "192.0.2.20/24", "dev", "eth0"],
-        ["ip", "addr", "add", "2001:db8::20/64", "dev", "eth0", "nodad"],
-        ["ip", "-4", "route", "replace", "default", "via", "192.0.2.1", "dev", "eth0"],
-        ["ip", "-6", "route", "replace", "default", "via", "2001:db8::1", "dev", "eth0"],
+        ["-4", "addr", "flush", "dev", "eth0"],
+        ["-6", "addr", "flush", "dev", "eth0"],
+        ["-4", "route", "flush", "exact", "0.0.0.0/0", "dev", "eth0"],
+        ["-6", "route", "flush", "exact", "::/0", "dev", "eth0"],
+        ["-4", "link", "set", "eth0", "up"],
+        ["-4", "addr", "add", "192.0.2.20/24", "dev", "eth0"],
+        ["-6", "addr", "add", "2001:db8::20/64", "dev", "eth0", "nodad"],
+        ["-4", "route", "replace", "default", "via", "192.0.2.1", "dev", "eth0"],
+        ["-6", "route", "replace", "default", "via", "2001:db8::1", "dev", "eth0"],
     ]
     assert dns == ["192.0.2.54", "2001:db8::53"]
 
@@ -102,11 +103,11 @@ def test_plan_dhcp_and_onlink() -> None:
     )
     config = si.parse_ifcfg(DAEMON_IFCFG.replace("BOOTPROTO=none", "BOOTPROTO=dhcp"))
     commands, dns = si.plan(config, lease)
-    adds = [c for c in commands if c[:3] == ["ip", "addr", "add"]]
+    adds = [c for c in commands if c[1:3] == ["addr", "add"]]
     # The lease's IPv4 address (dynamic), the file's IPv6 one; the file's IPv4 one not.
     assert adds == [
-        ["ip", "addr", "add", "192.0.2.10/24", "dev", "eth0", *LIFETIMES],
-        ["ip", "addr", "add", "2001:db8::20/64", "dev", "eth0", "nodad"],
+        ["-4", "addr", "add", "192.0.2.10/24", "dev", "eth0", *LIFETIMES],
+        ["-6", "addr", "add", "2001:db8::20/64", "dev", "eth0", "nodad"],
     ]
     assert dns == ["192.0.2.54", "2001:db8::53"]  # the file's, when it has some
     assert si.plan(si.parse_ifcfg("DEVICE=eth0\nBOOTPROTO=dhcp\n"), lease)[1] == ["192.0.2.53"]
@@ -120,8 +121,8 @@ def test_plan_dhcp_and_onlink() -> None:
     )
     routes = [c for c in si.plan(far, None)[0] if "default" in c]
     assert routes == [
-        ["ip", "-4", "route", "replace", "default", "via", "198.51.100.1", "dev", "eth0", "onlink"],
-        ["ip", "-4", "route", "add", "default", "via", "192.0.2.1", "dev", "eth0", *METRIC_1],
+        ["-4", "route", "replace", "default", "via", "198.51.100.1", "dev", "eth0", "onlink"],
+        ["-4", "route", "add", "default", "via", "192.0.2.1", "dev", "eth0", *METRIC_1],
     ]
 
 
@@ -153,6 +154,11 @@ def test_main_reports_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert si.main(["--state", str(tmp_path), str(bad)]) == 1
     assert "no DEVICE" in capsys.readouterr().err
     assert si.main(["--state", str(tmp_path), str(tmp_path / "missing")]) == 1
+    assert si.main([str(bad)]) == 2 and "usage" in capsys.readouterr().err
+
+
+def test_batch_words() -> None:
+    assert si._batch_word("eth#1") == '"eth#1"' and si._batch_word("eth0") == "eth0"
 
 
 # -- the synthetic adapters ---------------------------------------------------------------------

@@ -21,52 +21,63 @@ one plays the distribution's network configuration:
   ``hv_get_dhcp_info`` reads, and one syslog line says what was applied.
 
 Exit status 0 on success; otherwise 1 with the reason on stderr (the daemon then
-answers ``HV_E_FAIL``).  Standard library only: it runs as ``python -I -S``.
+answers ``HV_E_FAIL``).  It runs as ``python -I -S`` for every SET, so it
+imports little (no argparse, subprocess or re: 20 ms instead of 70 ms of start)
+and hands all its ``ip`` commands to two ``ip -batch`` processes, one per family.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
-import re
-import shutil
-import subprocess
 import sys
 import syslog
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 RESOLV_CONF = "/etc/resolv.conf"
 #: How long a DHCP lease hostsim hands out lasts (seconds); shown by ``ip addr``.
 LEASE_SECONDS = 86400
 
-_KEY = re.compile(r"^(IPADDR|NETMASK|GATEWAY|DNS|IPV6ADDR|IPV6NETMASK|IPV6_DEFAULTGW)_?(\d*)$")
+_KINDS = ("IPV6_DEFAULTGW", "IPV6NETMASK", "IPV6ADDR", "IPADDR", "NETMASK", "GATEWAY", "DNS")
 
 
 class IfcfgError(ValueError):
     pass
 
 
-@dataclass
 class Ifcfg:
     """The parts of an ifcfg file, in the daemon's numbering."""
 
-    device: str = ""
-    hwaddr: str = ""
-    bootproto: str = ""
-    #: (address, prefix length) pairs: IPv4 then IPv6, in index order.
-    addresses: list[tuple[str, int]] = field(default_factory=list)
-    gateways: list[str] = field(default_factory=list)
-    dns: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.device = ""
+        self.hwaddr = ""
+        self.bootproto = ""
+        #: (address, prefix length) pairs: IPv4 then IPv6, in index order.
+        self.addresses: list[tuple[str, int]] = []
+        self.gateways: list[str] = []
+        self.dns: list[str] = []
 
     @property
     def dhcp(self) -> bool:
         return self.bootproto.lower() == "dhcp"
 
 
-def _index(suffix: str) -> int:
-    return int(suffix) if suffix else -1
+def _kind(key: str) -> tuple[str, int] | None:
+    """("IPADDR", 0) for ``IPADDR0``, ("IPV6ADDR", -1) for ``IPV6ADDR``, ("IPV6ADDR", 1)
+    for ``IPV6ADDR_1``; None for a key that is none of these."""
+    for kind in _KINDS:
+        if key.startswith(kind):
+            suffix = key[len(kind) :]
+            if suffix.startswith("_"):
+                suffix = suffix[1:]
+                if not suffix:
+                    return None
+            if not suffix:
+                return kind, -1
+            if suffix.isascii() and suffix.isdigit():
+                return kind, int(suffix)
+            return None
+    return None
 
 
 def _prefix(netmask: str, version: int, key: str) -> int:
@@ -105,10 +116,10 @@ def parse_ifcfg(text: str) -> Ifcfg:
         elif key == "BOOTPROTO":
             result.bootproto = value
         else:
-            matched = _KEY.match(key)
-            if matched is None:
+            numbered = _kind(key)
+            if numbered is None:
                 continue  # not ours to judge (a distribution file may hold more)
-            found[matched.group(1), _index(matched.group(2))] = value
+            found[numbered] = value
     for family, mask_key, version in (("IPADDR", "NETMASK", 4), ("IPV6ADDR", "IPV6NETMASK", 6)):
         for kind, index in sorted(k for k in found if k[0] == family):
             address = found[kind, index]
@@ -138,7 +149,11 @@ def _version(address: str) -> int:
 
 
 def plan(config: Ifcfg, lease: Ifcfg | None) -> tuple[list[list[str]], list[str]]:
-    """The ``ip`` commands that apply ``config``, and the DNS servers it asks for."""
+    """The ``ip`` commands that apply ``config``, and the DNS servers it asks for.
+
+    Each command starts with its family option (``-4`` or ``-6``): they run as
+    two ``ip -batch`` lists, whose lines take no options.
+    """
     dev = config.device
     addresses = list(config.addresses)
     gateways = list(config.gateways)
@@ -153,17 +168,19 @@ def plan(config: Ifcfg, lease: Ifcfg | None) -> tuple[list[list[str]], list[str]
             if not dns:
                 dns = list(lease.dns)
     commands = [
-        ["ip", "addr", "flush", "dev", dev],
-        ["ip", "-4", "route", "flush", "exact", "0.0.0.0/0", "dev", dev],
-        ["ip", "-6", "route", "flush", "exact", "::/0", "dev", dev],
-        ["ip", "link", "set", dev, "up"],
+        ["-4", "addr", "flush", "dev", dev],
+        ["-6", "addr", "flush", "dev", dev],
+        ["-4", "route", "flush", "exact", "0.0.0.0/0", "dev", dev],
+        ["-6", "route", "flush", "exact", "::/0", "dev", dev],
+        ["-4", "link", "set", dev, "up"],
     ]
     lifetimes = ["valid_lft", str(LEASE_SECONDS), "preferred_lft", str(LEASE_SECONDS)]
     for address, prefix in dynamic:
-        commands.append(["ip", "addr", "add", f"{address}/{prefix}", "dev", dev, *lifetimes])
+        commands.append(["-4", "addr", "add", f"{address}/{prefix}", "dev", dev, *lifetimes])
     for address, prefix in addresses:
-        extra = ["nodad"] if _version(address) == 6 else []
-        commands.append(["ip", "addr", "add", f"{address}/{prefix}", "dev", dev, *extra])
+        version = _version(address)
+        extra = ["nodad"] if version == 6 else []
+        commands.append([f"-{version}", "addr", "add", f"{address}/{prefix}", "dev", dev, *extra])
     networks = [ipaddress.ip_interface(f"{a}/{p}").network for a, p in [*dynamic, *addresses]]
     metrics = {4: 0, 6: 0}
     for gateway in gateways:
@@ -174,10 +191,10 @@ def plan(config: Ifcfg, lease: Ifcfg | None) -> tuple[list[list[str]], list[str]
             # NetworkManager adds, instead of "Nexthop has invalid gateway".
             route.append("onlink")
         if metrics[version] == 0:
-            commands.append(["ip", f"-{version}", "route", "replace", *route])
+            commands.append([f"-{version}", "route", "replace", *route])
         else:
             metric = ["metric", str(metrics[version])]
-            commands.append(["ip", f"-{version}", "route", "add", *route, *metric])
+            commands.append([f"-{version}", "route", "add", *route, *metric])
         metrics[version] += 1
     return commands, dns
 
@@ -224,6 +241,44 @@ def _mac_of(device: str) -> str:
         raise IfcfgError(f"there is no interface {device}") from None
 
 
+def _batch_word(word: str) -> str:
+    # ip -batch splits lines at blanks and takes "#" for a comment; an interface
+    # name may hold neither blanks nor quotes, but it may hold "#".
+    return f'"{word}"' if "#" in word else word
+
+
+def run_ip(commands: Sequence[list[str]]) -> None:
+    """Run family-tagged ``ip`` commands, one ``ip -batch`` per family, in order."""
+    for family in ("-4", "-6"):
+        lines = [" ".join(map(_batch_word, c[1:])) for c in commands if c[0] == family]
+        if not lines:
+            continue
+        stdin_r, stdin_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            pid = os.posix_spawnp(
+                "ip",
+                ["ip", family, "-batch", "-"],
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, stdin_r, 0),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                    (os.POSIX_SPAWN_CLOSE, stdin_w),
+                    (os.POSIX_SPAWN_CLOSE, err_r),
+                ],
+            )
+        finally:
+            os.close(stdin_r)
+            os.close(err_w)
+        with os.fdopen(stdin_w, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+        with os.fdopen(err_r) as f:
+            errors = f.read().strip()
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise IfcfgError(f"ip {family} -batch: {errors or status}")
+
+
 def apply(path: str, state: str) -> str:
     """Apply the ifcfg file at ``path``; returns a one-line summary."""
     config = parse_ifcfg(_read(path))
@@ -233,10 +288,7 @@ def apply(path: str, state: str) -> str:
     lease_path = os.path.join(state, mac, "lease")
     lease = parse_ifcfg(_read(lease_path)) if os.path.exists(lease_path) else None
     commands, dns = plan(config, lease)
-    for command in commands:
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise IfcfgError(f"{' '.join(command)}: {done.stderr.strip() or done.returncode}")
+    run_ip(commands)
     os.makedirs(os.path.join(state, mac), exist_ok=True)
     with open(os.path.join(state, mac, "dns"), "w", encoding="utf-8") as f:
         f.write("".join(server + "\n" for server in dns))
@@ -246,7 +298,8 @@ def apply(path: str, state: str) -> str:
         f.seek(0)
         f.write(text)
         f.truncate()
-    shutil.copyfile(path, os.path.join(state, mac, "ifcfg"))
+    with open(os.path.join(state, mac, "ifcfg"), "w", encoding="utf-8") as f:
+        f.write(_read(path))
     shown = [f"{a}/{p}" for a, p in config.addresses] if not config.dhcp else ["dhcp"]
     return (
         f"{config.device}: applied {os.path.basename(path)}: {' '.join(shown) or 'no address'}"
@@ -255,15 +308,17 @@ def apply(path: str, state: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hv_set_ifconfig")
-    parser.add_argument("--state", required=True, help="hostsim's per-adapter state directory")
-    parser.add_argument("ifcfg", help="the file hv_kvp_daemon wrote")
-    args = parser.parse_args(argv)
+    """``hv_set_ifconfig --state DIR IFCFG``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 3 or args[0] != "--state":
+        print("usage: hv_set_ifconfig --state DIR IFCFG", file=sys.stderr)
+        return 2
+    _, state, ifcfg = args
     syslog.openlog("hv_set_ifconfig", 0, syslog.LOG_USER)
     try:
-        summary = apply(args.ifcfg, args.state)
+        summary = apply(ifcfg, state)
     except (IfcfgError, OSError) as exc:
-        message = f"{args.ifcfg}: {exc}"
+        message = f"{ifcfg}: {exc}"
         syslog.syslog(syslog.LOG_ERR, message)
         print(f"hv_set_ifconfig: {message}", file=sys.stderr)
         return 1
