@@ -18,14 +18,13 @@ import pytest
 import trio
 
 from kvpfs.fs.operations import FsOptions
-from tests.mounting import in_thread, renameat2_noreplace, sh, write_bytes
+from tests.mounting import eventually, in_thread, renameat2_noreplace, sh, write_bytes
 from tests.xenstore.conftest import ServerPath
 from tests.xsmount.conftest import (
     Restartable,
     XsMountFactory,
     dump,
     errno_of,
-    eventually,
     xs,
     xs_write,
 )
