@@ -8,10 +8,14 @@ lookup of it.  Inode numbers are never reused within a mount.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyfuse3
 
 from kvpfs.fs.view import Path, View
+
+if TYPE_CHECKING:
+    from kvpfs.fs.operations import OpenFile
 
 ROOT_INODE: int = pyfuse3.ROOT_INODE
 
@@ -31,8 +35,9 @@ class Inode:
     mtime_ns: int | None = None
     #: Open handles keep an inode alive even after the kernel forgot it.
     open_count: int = 0
-    #: The open handle of a file created here and not yet stored (an OpenFile).
-    pending: object = None
+    #: A file created here and not yet stored: the open handle whose buffer is its
+    #: content (a handle in one of kvpfs.fs.openfile.NEW_STATES).
+    unstored: OpenFile | None = None
 
     @property
     def key(self) -> tuple[int, Path]:

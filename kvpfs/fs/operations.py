@@ -1,10 +1,10 @@
 """The pyfuse3 Operations: one filesystem whose root holds one directory per view.
 
 Write path (see README, "Editing semantics"): every open file buffers the whole
-file; the buffer is committed to the view on flush (only if written since the
-last commit), on fsync, and on release (a create, O_TRUNC open or truncate with
-no write after it).  Errors surface from flush and fsync so close() and editors
-see them; release happens after close() returned and can only log.
+file; when the buffer is committed to the view (flush, fsync, release) is the
+state machine of :mod:`kvpfs.fs.openfile`, which plans each event and leaves the
+actions to this module.  Errors surface from flush and fsync so close() and
+editors see them; release happens after close() returned and can only log.
 
 Errors (the seam's contract, :mod:`kvpfs.fs.view`): a view's :class:`FsError`
 gives its errno; anything else a view raises is logged once, with its traceback,
@@ -32,6 +32,7 @@ from kvpfs.errors import FsError
 from kvpfs.fs import text
 from kvpfs.fs.inodes import Inode, InodeTable
 from kvpfs.fs.invalidate import Invalidator
+from kvpfs.fs.openfile import NEW_STATES, Action, Event, Plan, State, opened, transition
 from kvpfs.fs.overlay import Overlay, ScratchFile
 from kvpfs.fs.view import Node, NodeKind, Path, Stream, View
 from kvpfs.scratch import is_scratch_name
@@ -70,13 +71,8 @@ class OpenFile:
     writable: bool
     scratch: ScratchFile | None = None
     stream: Stream | None = None
-    #: Data changed since the last commit (flush commits only then).
-    written: bool = False
-    #: Something must reach the store before release (create, O_TRUNC, truncate).
-    pending: bool = False
-    #: Created by this handle and not yet committed: the name exists only here.
-    created: bool = False
-    unlinked: bool = False
+    #: What the buffer owes the store (kvpfs.fs.openfile); streams stay CLEAN.
+    state: State = State.CLEAN
 
 
 @dataclass(slots=True, eq=False)
@@ -183,10 +179,6 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:
             raise _broken(callee, exc) from None
 
-    def _pending_handle(self, inode: Inode) -> OpenFile | None:
-        pending = inode.pending
-        return pending if isinstance(pending, OpenFile) else None
-
     async def _node(self, inode: Inode) -> Node:
         """The current node behind ``inode``, honouring the overlay."""
         if inode.view is None or inode.path == ():
@@ -195,9 +187,9 @@ class Operations(pyfuse3.Operations):
         scratch = self.overlay.get(view, path)
         if scratch is not None:
             return Node(NodeKind.FILE, len(scratch.data), True, scratch.mtime_ns, volatile=False)
-        pending = self._pending_handle(inode)
-        if pending is not None:
-            size = len(text.file_to_value(bytes(pending.buffer), self.options.raw))
+        unstored = inode.unstored
+        if unstored is not None:
+            size = len(text.file_to_value(bytes(unstored.buffer), self.options.raw))
             return Node(NodeKind.FILE, size, True)
         if self.overlay.is_hidden(view, path):
             raise FsError(errno.ENOENT)
@@ -258,7 +250,7 @@ class Operations(pyfuse3.Operations):
 
     async def _exists(self, view: View, path: Path) -> bool:
         inode = self.inodes.find(view, path)
-        if inode is not None and self._pending_handle(inode) is not None:
+        if inode is not None and inode.unstored is not None:
             return True
         if self.overlay.get(view, path) is not None:
             return True
@@ -341,12 +333,12 @@ class Operations(pyfuse3.Operations):
     async def _truncate(self, ino: Inode, node: Node, size: int, fh: int | None) -> None:
         if node.kind is not NodeKind.FILE:
             raise FsError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
-        handle = self._files.get(fh) if fh is not None else self._pending_handle(ino)
+        handle = self._files.get(fh) if fh is not None else ino.unstored
         if handle is not None:
             if not handle.writable:
                 raise FsError(errno.EBADF)
             self._resize(handle, size)
-            handle.written = handle.pending = True
+            self._apply(handle, Event.WRITE)
             return
         assert ino.view is not None
         if not node.writable:
@@ -434,8 +426,7 @@ class Operations(pyfuse3.Operations):
         for handle in self._files.values():
             h = handle.inode
             if (
-                handle.created
-                and not handle.unlinked
+                handle.state in NEW_STATES
                 and h.view is view
                 and h.path[:-1] == path
                 and h.path[-1] not in seen
@@ -510,9 +501,9 @@ class Operations(pyfuse3.Operations):
         scratch = self.overlay.get(ino.view, ino.path)
         if scratch is not None:
             return bytes(scratch.data)
-        pending = self._pending_handle(ino)
-        if pending is not None:
-            return bytes(pending.buffer)
+        unstored = ino.unstored
+        if unstored is not None:
+            return bytes(unstored.buffer)
         if self.overlay.is_hidden(ino.view, ino.path):
             raise FsError(errno.ENOENT)
         value = await self._call(ino.view, ino.view.read(ino.path))
@@ -557,13 +548,11 @@ class Operations(pyfuse3.Operations):
         truncate = bool(flags & os.O_TRUNC) and writable
         content = b"" if truncate else await self._read_file(ino)
         handle = self._open_handle(ino, flags, content, scratch)
-        if truncate:
-            handle.pending = True
-        pending = self._pending_handle(ino)
-        if pending is not None and writable:
-            # A second writer of a not yet committed new file shares its fate.
-            handle.created = True
-            ino.pending = handle
+        # A further writer of a new file not yet stored shares its fate.
+        joins = writable and ino.unstored is not None
+        handle.state = opened(truncated=truncate, new_file=joins)
+        if joins:
+            ino.unstored = handle
         direct = node.volatile and scratch is None
         return pyfuse3.FileInfo(fh=handle.fh, direct_io=direct, keep_cache=False)
 
@@ -585,8 +574,9 @@ class Operations(pyfuse3.Operations):
         flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         handle = self._open_handle(inode, flags, b"", scratch)
         if scratch is None:
-            handle.pending = handle.created = True
-            inode.pending = handle
+            # The name exists only here until the handle's first commit.
+            handle.state = State.NEW
+            inode.unstored = handle
         node = await self._node(inode)
         inode.lookups += 1
         info = pyfuse3.FileInfo(fh=handle.fh, direct_io=scratch is None, keep_cache=False)
@@ -616,33 +606,61 @@ class Operations(pyfuse3.Operations):
         if end > len(handle.buffer):
             self._resize(handle, end)
         handle.buffer[off:end] = buf
-        handle.written = handle.pending = True
+        self._apply(handle, Event.WRITE)
         return len(buf)
 
-    async def _commit(self, handle: OpenFile) -> None:
-        if handle.unlinked:
-            handle.written = handle.pending = False
-            return
-        ino = handle.inode
-        assert ino.view is not None
-        scratch = self.overlay.get(ino.view, ino.path)
+    # ---------------------------------------------------------------- the open-file state machine
+
+    def _apply(self, handle: OpenFile, event: Event) -> None:
+        """An event that only changes the state (WRITE, STORED, UNLINK plan no actions)."""
+        handle.state = transition(handle.state, event).state
+
+    async def _on(self, handle: OpenFile, event: Event) -> None:
+        """``event`` happened to ``handle``: enter the planned state, then act.
+
+        (flush and release, on the path of every close, do the same inline.)
+        """
+        plan = transition(handle.state, event)
+        handle.state = plan.state
+        if plan.actions:
+            await self._carry_out(handle, plan)
+
+    async def _carry_out(self, handle: OpenFile, plan: Plan) -> None:
+        """The plan's actions; the handle is in ``plan.state`` already, so a value
+        the store refuses is dropped: the caller reports the error, nothing retries."""
+        actions = plan.actions
         try:
-            if scratch is not None:
-                scratch.data[:] = handle.buffer
-                scratch.mtime_ns = time.time_ns()
-            else:
-                await self._store(ino, bytes(handle.buffer))
+            if Action.COMMIT in actions or Action.COMMIT_NEW in actions:
+                ino = handle.inode
+                assert ino.view is not None
+                scratch = self.overlay.get(ino.view, ino.path)
+                if scratch is not None:
+                    scratch.data[:] = handle.buffer
+                    scratch.mtime_ns = time.time_ns()
+                else:
+                    await self._store(ino, bytes(handle.buffer))
+                if Action.COMMIT_NEW in actions:
+                    self._stored(ino)
         finally:
-            # A refused value was reported to the writer (flush/fsync error); it
-            # must not sneak into the store later at release.
-            handle.written = handle.pending = False
-        if handle.created:
-            handle.created = False
-            if ino.pending is handle:
-                ino.pending = None
-            for other in self._files.values():
-                if other.inode is ino:
-                    other.created = False
+            # Whatever the commit before it did: a refused new file is given up.
+            if Action.DROP in actions:
+                self._drop(handle)
+
+    def _stored(self, ino: Inode) -> None:
+        """A new file reached the store: the name is no longer the mount's alone."""
+        ino.unstored = None
+        for other in self._files.values():
+            if other.inode is ino:
+                self._apply(other, Event.STORED)
+
+    def _drop(self, handle: OpenFile) -> None:
+        ino = handle.inode
+        if ino.unstored is handle:
+            # A new file whose value was refused never existed in the store; the
+            # kernel still holds a positive entry from create() that would make
+            # the next open of the name fail with ENOENT.
+            ino.unstored = None
+            self._forget_name(ino)
 
     async def _store(self, ino: Inode, content: bytes) -> None:
         assert ino.view is not None
@@ -656,14 +674,17 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def flush(self, fh: int) -> None:
         handle = self._files.get(fh)
-        if handle is not None and handle.written:
-            await self._commit(handle)
+        if handle is not None:
+            plan = transition(handle.state, Event.FLUSH)
+            handle.state = plan.state
+            if plan.actions:
+                await self._carry_out(handle, plan)
 
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._files.get(fh)
-        if handle is not None and handle.pending:
-            await self._commit(handle)
+        if handle is not None:
+            await self._on(handle, Event.FSYNC)
 
     @fuse_op
     async def release(self, fh: int) -> None:
@@ -673,20 +694,18 @@ class Operations(pyfuse3.Operations):
         ino = handle.inode
         try:
             if handle.stream is not None:
+                handle.state = State.CLOSED
                 await self._call_unbounded(handle.stream, handle.stream.release())
-            elif handle.pending:
-                await self._commit(handle)
+            else:
+                plan = transition(handle.state, Event.RELEASE)
+                handle.state = plan.state
+                if plan.actions:
+                    await self._carry_out(handle, plan)
         except FsError as exc:
             # close() already returned; all we can do is say so.
             log.error("could not store %s: %s", "/".join(ino.path), exc)
             raise
         finally:
-            if ino.pending is handle:
-                # A new file whose value was refused never existed in the store; the
-                # kernel still holds a positive entry from create() that would make
-                # the next open of the name fail with ENOENT.
-                ino.pending = None
-                self._forget_name(ino)
             ino.open_count -= 1
             self.inodes.drop_if_unused(ino)
 
@@ -701,11 +720,10 @@ class Operations(pyfuse3.Operations):
     async def commit_all(self) -> None:
         """Store what open handles still hold (the mount is ending under them)."""
         for handle in list(self._files.values()):
-            if handle.pending:
-                try:
-                    await self._commit(handle)
-                except (FsError, trio.TooSlowError) as exc:
-                    log.error("could not store %s at unmount: %s", "/".join(handle.inode.path), exc)
+            try:
+                await self._on(handle, Event.UNMOUNT)
+            except (FsError, trio.TooSlowError) as exc:
+                log.error("could not store %s at unmount: %s", "/".join(handle.inode.path), exc)
 
     @fuse_op
     async def poll(
@@ -741,13 +759,13 @@ class Operations(pyfuse3.Operations):
             self.overlay.pop(view, path)
             return
         inode = self.inodes.find(view, path)
-        pending = self._pending_handle(inode) if inode is not None else None
-        if pending is not None:
+        if inode is not None and inode.unstored is not None:
+            # A new file never stored: nothing to remove, and nothing of it ever
+            # reaches the store.
             for handle in self._files.values():
                 if handle.inode is inode:
-                    handle.unlinked = True
-            assert inode is not None
-            inode.pending = None
+                    self._apply(handle, Event.UNLINK)
+            inode.unstored = None
             return
         if self.overlay.is_hidden(view, path):
             raise FsError(errno.ENOENT)
@@ -777,9 +795,10 @@ class Operations(pyfuse3.Operations):
         if old == new:
             return
         old_inode = self.inodes.find(view, old)
-        pending = self._pending_handle(old_inode) if old_inode is not None else None
-        if pending is not None:
-            await self._commit(pending)
+        if old_inode is not None and old_inode.unstored is not None:
+            # A new file reaches the store before the store can rename it.
+            for handle in [h for h in self._files.values() if h.inode is old_inode]:
+                await self._on(handle, Event.RENAME)
 
         old_scratch = self.overlay.get(view, old)
         new_is_scratch = self.overlay.get(view, new) is not None or (
