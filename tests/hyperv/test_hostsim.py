@@ -381,3 +381,16 @@ def test_nic_arguments() -> None:
     ):
         result = run_bounded(hostsim_argv("--nic", bad, "--", "true"), timeout=30)
         assert result.returncode == 2 and "--nic" in result.stderr, (bad, result.report())
+
+
+def test_no_nics() -> None:
+    require_real_environment()
+    assert hostsim.parse_args(["--no-nics", "x"]).nics == []
+    config = hostsim.parse_args(["--no-nics", "--nic", "eth5", "x"])
+    assert [n.name for n in config.nics] == ["eth5"]
+    before = Outside.now()
+    script = 'ls "$KVPFS_MOUNT/host/net" | wc -l; ls /sys/class/net; ip -o link | wc -l'
+    result = run_bounded(hostsim_argv("--no-nics", "--", "sh", "-c", script), timeout=60)
+    assert result.returncode == 0, result.report()
+    assert result.stdout.split() == ["0", "lo", "1"]
+    assert_nothing_left(before)

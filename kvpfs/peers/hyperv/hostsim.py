@@ -121,7 +121,8 @@ def prepare_network(nics: Sequence[NicSpec]) -> SyntheticNetwork:
         network.setup()
     except (NetworkError, OSError) as exc:
         network.close()
-        raise HostsimError(f"cannot build the synthetic network: {exc}") from None
+        hint = " (--no-nics runs without adapters)" if nics else ""
+        raise HostsimError(f"cannot build the synthetic network: {exc}{hint}") from None
     return network
 
 
@@ -223,6 +224,11 @@ def hostsim_parser() -> argparse.ArgumentParser:
         "192.0.2.10/24, gateway 192.0.2.1, DNS 192.0.2.53); ip=, gw= and dns= may repeat",
     )
     p.add_argument(
+        "--no-nics",
+        action="store_true",
+        help="no default adapter (the network namespace then has only lo and the --nic ones)",
+    )
+    p.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -243,7 +249,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     items = {} if args.no_host_items else default_items()
     for pool, key, value in args.host_item:
         items.setdefault(pool, {})[key] = value
-    nics = default_nics()
+    nics = [] if args.no_nics else default_nics()
     for text in args.nic:
         try:
             nics = apply_nic_option(nics, text)

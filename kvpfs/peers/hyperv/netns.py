@@ -297,6 +297,15 @@ class SyntheticNetwork:
 
     def setup(self) -> None:
         self._ip("link", "set", "lo", "up")
+        if self.nics:
+            self._adapters()
+        self._scripts()
+        self._resolv_conf()
+        self._sysfs_view()
+        for nic in self.nics:
+            self._configure(nic)
+
+    def _adapters(self) -> None:
         guest = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             mounts.unshare(mounts.CLONE_NEWNET)
@@ -322,11 +331,6 @@ class SyntheticNetwork:
                     mounts.setns(guest, mounts.CLONE_NEWNET)
         finally:
             os.close(guest)
-        self._scripts()
-        self._resolv_conf()
-        self._sysfs_view()
-        for nic in self.nics:
-            self._configure(nic)
 
     def _ip(self, *args: str) -> None:
         done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
@@ -423,7 +427,17 @@ class SyntheticNetwork:
         return found
 
     def sync(self) -> None:
-        """Make /sys/class/net show the namespace's interfaces as they are now."""
+        """Make /sys/class/net show the namespace's interfaces as they are now.
+
+        Never raises: what cannot be brought in step is logged (the daemon then
+        sees a stale entry, or none).
+        """
+        try:
+            self._sync()
+        except OSError as exc:
+            log.warning("hostsim: keeping /sys/class/net in step: %s", exc)
+
+    def _sync(self) -> None:
         if self._sysfs is None:
             return
         real = self._real_interfaces()
@@ -480,10 +494,7 @@ class SyntheticNetwork:
                     await sock.recv(65536)
                 except OSError as exc:  # ENOBUFS: events were lost; sync anyway
                     log.debug("hostsim: rtnetlink: %s", exc)
-                try:
-                    self.sync()
-                except OSError as exc:
-                    log.warning("hostsim: keeping /sys/class/net in step: %s", exc)
+                self.sync()
 
     def close(self) -> None:
         for fd in (self._sysfs, self._switch):
