@@ -18,7 +18,7 @@ namespaces (nothing of it exists outside them):
 * one interface per adapter (:class:`NicSpec`), with the adapter's MAC and no
   IPv6 link-local address (so that a GET shows exactly what was configured),
   configured by the same ``hv_set_ifconfig`` the daemon runs.  It is one end of
-  a veth pair (kernels without the ``dummy`` driver have veth); the other end,
+  a veth pair (not a ``dummy``: not every kernel has that driver); the other end,
   ``sw<n>``, sits in a third network namespace, the virtual switch, which only
   hostsim holds (by a descriptor), so the guest sees ``lo`` and its adapters and
   nothing else, with carrier;
@@ -27,7 +27,7 @@ namespaces (nothing of it exists outside them):
   network namespace, which shows its interfaces and no others), bound in.  A
   synthetic adapter's directory is a tmpfs holding every real entry bound back
   plus ``device/device_id`` and ``device/class_id`` (netvsc's class GUID), which
-  a dummy interface lacks.  :meth:`SyntheticNetwork.sync` keeps the directory
+  a veth lacks.  :meth:`SyntheticNetwork.sync` keeps the directory
   in step with the real interfaces (created, deleted, renamed): hostsim runs it
   on every rtnetlink link event and before every IP request;
 * ``/usr/libexec/hypervkvpd``: a tmpfs with the real scripts bound back, plus
