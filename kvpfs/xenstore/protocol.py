@@ -1,7 +1,10 @@
 """The XenStore wire protocol as spoken by Xen 4.17's cxenstored: pure, no I/O.
 
 Like h11, this module only turns bytes into values and back; the client and the
-embedded server own the sockets.  Everything on the wire is ``bytes``; functions that
+embedded server own the sockets.  It is the one statement of each rule for both: the
+server (:mod:`kvpfs.peers.xenstored.store`) parses requests and builds replies with
+these functions, so they are written for its hot paths (tables, caches, C-level byte
+operations).  Everything on the wire is ``bytes``; functions that
 take a path, token or argument also accept ``str`` (encoded as UTF-8, although only
 ASCII is ever a valid node name).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
+import functools
 import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -152,10 +156,6 @@ class ProtocolError(ValueError):
         super().__init__(message)
         self.errno = err
 
-    @property
-    def error_name(self) -> str:
-        return name_for_errno(self.errno)
-
 
 class FramingError(ProtocolError):
     """The byte stream itself is broken (oversized length); drop the connection."""
@@ -172,14 +172,6 @@ class Message:
     req_id: int
     tx_id: int
     payload: bytes
-
-    @property
-    def op(self) -> Op | None:
-        """The type as an :class:`Op`, or None for a number without a name."""
-        try:
-            return Op(self.type)
-        except ValueError:
-            return None
 
     def reply(self, payload: bytes = OK) -> Message:
         """The success reply: same type, same req_id and tx_id."""
@@ -359,7 +351,12 @@ def _arg(value: str | bytes | int) -> bytes:
 
 def encode_args(*args: str | bytes | int) -> bytes:
     """``arg\\0arg\\0...``: every argument NUL-terminated (ints in decimal)."""
-    return b"".join(_arg(a) + b"\0" for a in args)
+    parts = [a if type(a) is bytes else _arg(a) for a in args]
+    parts.append(b"")  # the last argument's NUL
+    data = b"\0".join(parts)
+    if data.count(b"\0") != len(args):
+        raise ProtocolError(f"an argument of {args!r} contains a NUL byte")
+    return data
 
 
 def count_strings(payload: bytes) -> int:
@@ -388,14 +385,6 @@ def onearg(payload: bytes) -> bytes:
     return payload[:-1]
 
 
-def exact_args(payload: bytes, count: int) -> list[bytes]:
-    """``get_strings(...) != count`` → EINVAL (WATCH, UNWATCH, DIRECTORY_PART)."""
-    args = get_strings(payload)
-    if len(args) != count:
-        raise ProtocolError(f"request needs exactly {count} arguments, got {len(args)}")
-    return args
-
-
 def min_args(payload: bytes, count: int) -> list[bytes]:
     """``get_strings(...) < count`` → EINVAL (INTRODUCE, SET_TARGET, CONTROL)."""
     args = get_strings(payload)
@@ -418,6 +407,12 @@ def build_domid(domid: int | str | bytes) -> bytes:
     return encode_args(domid)
 
 
+def parse_domid(payload: bytes) -> int:
+    """The domain id of a :func:`build_domid` request, read with ``atoi`` as cxenstored
+    does (``abc`` is 0); the payload must be one NUL-terminated string."""
+    return c_atoi(onearg(payload))
+
+
 def build_write(path: str | bytes, value: bytes) -> bytes:
     """``path\\0value``: the value is binary and **not** NUL-terminated."""
     return _arg(path) + b"\0" + bytes(value)
@@ -438,8 +433,11 @@ def build_watch(path: str | bytes, token: str | bytes) -> bytes:
 
 def parse_watch(payload: bytes) -> tuple[bytes, bytes]:
     """(path, token).  4.17 rejects a third (depth) argument with EINVAL."""
-    path, token = exact_args(payload, 2)
-    return path, token
+    # get_strings(payload) must give two strings: two NULs make three parts.
+    parts = payload.split(b"\0")
+    if len(parts) != 3:
+        raise ProtocolError(f"WATCH needs exactly 2 arguments, got {len(parts) - 1}")
+    return parts[0], parts[1]
 
 
 def build_transaction_start() -> bytes:
@@ -453,12 +451,12 @@ def build_transaction_end(commit: bool) -> bytes:
 
 def parse_transaction_end(payload: bytes) -> bool:
     """True to commit; anything but ``T\\0``/``F\\0`` is EINVAL."""
-    arg = onearg(payload)
-    if arg == b"T":
+    # The same as comparing onearg(payload) with b"T" and b"F", without the call.
+    if payload == b"T\0":
         return True
-    if arg == b"F":
+    if payload == b"F\0":
         return False
-    raise ProtocolError(f"TRANSACTION_END argument {arg!r} is neither T nor F")
+    raise ProtocolError(f"TRANSACTION_END payload {payload!r} is neither T nor F")
 
 
 def build_introduce(domid: int, gfn: int, evtchn: int) -> bytes:
@@ -500,17 +498,21 @@ def build_set_perms(path: str | bytes, perms: Iterable[Perm | str | bytes]) -> b
     return encode_args(path, *(p.encode() for p in items))
 
 
-def parse_set_perms(payload: bytes) -> tuple[bytes, list[Perm]]:
+def parse_set_perms(payload: bytes, max_perms: int | None = None) -> tuple[bytes, tuple[Perm, ...]]:
     """(path, permissions) as ``do_set_perms`` reads them.
 
     The count is the number of NULs minus one (bytes after the last NUL are ignored);
-    fewer than one permission, or any malformed one, is EINVAL.
+    fewer than one permission, or any malformed one, is EINVAL.  More than
+    ``max_perms`` (the quota of an unprivileged caller) is ENOSPC, checked before the
+    permissions are parsed, as cxenstored does.
     """
     num = count_strings(payload) - 1
     if num < 1:
         raise ProtocolError("SET_PERMS needs a path and at least one permission")
-    strings = get_strings(payload)
-    return strings[0], [parse_perm(s) for s in strings[1 : 1 + num]]
+    if max_perms is not None and num > max_perms:
+        raise ProtocolError(f"{num} permissions, more than {max_perms}", _errno.ENOSPC)
+    path, *perms = get_strings(payload)
+    return path, tuple([parse_perm(s) for s in perms])
 
 
 def build_control(command: str | bytes, *args: str | bytes | int) -> bytes:
@@ -526,7 +528,8 @@ def parse_control(payload: bytes) -> tuple[bytes, list[bytes]]:
 
 
 def build_strings(items: Iterable[str | bytes]) -> bytes:
-    """``s\\0s\\0...`` (empty for no items): DIRECTORY and GET_PERMS replies."""
+    """``s\\0s\\0...`` (empty for no items): a node's child list as cxenstored
+    stores it, which is also the DIRECTORY reply."""
     return encode_args(*items)
 
 
@@ -539,10 +542,15 @@ def parse_strings(payload: bytes) -> list[bytes]:
     return payload[:-1].split(b"\0")
 
 
+_ERROR_PAYLOADS = {num: name.encode("ascii") + b"\0" for name, num in XSD_ERRORS}
+_EINVAL_PAYLOAD = _ERROR_PAYLOADS[_errno.EINVAL]
+
+
 def build_error(err: int | str | bytes) -> bytes:
     """``ENAME\\0`` for an errno (unknown ones become EINVAL) or a wire name."""
-    name = name_for_errno(err) if isinstance(err, int) else _b(err).decode("ascii")
-    return name.encode("ascii") + b"\0"
+    if isinstance(err, int):
+        return _ERROR_PAYLOADS.get(err, _EINVAL_PAYLOAD)
+    return _b(err).decode("ascii").encode("ascii") + b"\0"
 
 
 def parse_error(payload: bytes) -> XenStoreError:
@@ -553,7 +561,11 @@ def parse_error(payload: bytes) -> XenStoreError:
 
 
 def build_watch_event(path: str | bytes, token: str | bytes) -> bytes:
-    return encode_args(path, token)
+    """``path\\0token\\0``: the path as the watch was set (relative stays relative)."""
+    data = _b(path) + b"\0" + _b(token) + b"\0"
+    if data.count(b"\0") != 2:
+        raise ProtocolError(f"watch path {path!r} or token {token!r} contains a NUL byte")
+    return data
 
 
 def parse_watch_event(payload: bytes) -> tuple[bytes, bytes]:
@@ -565,7 +577,8 @@ def parse_watch_event(payload: bytes) -> tuple[bytes, bytes]:
 
 
 def build_transaction_id(tx_id: int) -> bytes:
-    return encode_args(tx_id)
+    """``id\\0``: the TRANSACTION_START reply."""
+    return b"%d\0" % tx_id
 
 
 def parse_transaction_id(payload: bytes) -> int:
@@ -591,36 +604,23 @@ def parse_bool(payload: bytes) -> bool:
     return arg == b"T"
 
 
-def children_bytes(children: Iterable[str | bytes]) -> bytes:
-    """A node's child list as cxenstored stores it: ``child\\0child\\0...``."""
-    return encode_args(*children)
-
-
 def build_directory_part_reply(generation: int, child_list: bytes, offset: int) -> bytes:
-    """``do_directory_part`` of 4.17: ``gencnt\\0`` then the chunk from ``offset``.
+    """``send_directory_part`` of 4.17: ``gencnt\\0`` then the chunk from ``offset``.
 
-    ``child_list`` is :func:`children_bytes`.  The chunk holds whole strings that fit
-    the payload limit; the last chunk (also any offset at or past the end) gets one
-    extra NUL, so it ends in a double NUL.
+    ``child_list`` is :func:`build_strings` of the children.  The chunk holds the whole
+    strings that fit the payload limit (none, if the first does not); the last chunk
+    (also any offset at or past the end) gets one extra NUL, so it ends in a double NUL.
     """
     gen = b"%d\0" % generation
-    if offset < 0:
-        # atoi gave a negative number; cxenstored compares it unsigned, i.e. past the end.
-        offset = len(child_list)
-    if offset >= len(child_list):
+    size = len(child_list)
+    # A negative offset (from atoi) is past the end: cxenstored compares it unsigned.
+    if offset < 0 or offset >= size:
         return gen + b"\0"
-    maxlen = XENSTORE_PAYLOAD_MAX - len(gen) - 1
-    length = 0
-    while offset + length < len(child_list):
-        nul = child_list.find(b"\0", offset + length)
-        step = nul - (offset + length) + 1
-        if length + step > maxlen:
-            break
-        length += step
-    chunk = child_list[offset : offset + length]
-    if offset + length == len(child_list):
-        chunk += b"\0"
-    return gen + chunk
+    end = offset + XENSTORE_PAYLOAD_MAX - len(gen) - 1
+    if end >= size:
+        return gen + child_list[offset:] + b"\0"
+    # Up to the last NUL before the limit (with none, rfind's -1 gives an empty chunk).
+    return gen + child_list[offset : child_list.rfind(b"\0", offset, end) + 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,7 +650,10 @@ def parse_directory_part_reply(payload: bytes) -> DirectoryPart:
 
 # --------------------------------------------------------------------------- paths
 
-_VALID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-/_@")
+_VALID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-/_@"
+#: The bytes a node name may not hold: ``name.translate(None, _INVALID_CHARS)`` drops
+#: them, so a name is made of valid characters when that leaves it as long as it was.
+_INVALID_CHARS = bytes(c for c in range(256) if c not in _VALID_CHARS)
 _LOCAL_DOMAIN = b"/local/domain/"
 
 
@@ -685,25 +688,18 @@ def _local_off(path: bytes) -> int:
 
 def is_valid_nodename(path: str | bytes, max_path_len: int = DEFAULT_MAX_PATH_LEN) -> bool:
     """cxenstored 4.17's ``is_valid_nodename`` for an absolute (canonical) path."""
-    p = _b(path)
-    if not p.startswith(b"/"):
+    p = path if type(path) is bytes else _b(path)
+    if p[:1] != b"/" or (p[-1:] == b"/" and p != b"/") or b"//" in p:
         return False
-    if p.endswith(b"/") and p != b"/":
+    # _local_off only matters for a name longer than the limit.
+    if len(p) > max_path_len and len(p) > _local_off(p) + max_path_len:
         return False
-    if b"//" in p:
-        return False
-    if len(p) > _local_off(p) + max_path_len:
-        return False
-    return all(c in _VALID_CHARS for c in p)
-
-
-def is_special(path: str | bytes) -> bool:
-    return _b(path).startswith(b"@")
+    return len(p.translate(None, _INVALID_CHARS)) == len(p)
 
 
 def is_relative(path: str | bytes) -> bool:
-    p = _b(path)
-    return not p.startswith(b"/") and not p.startswith(b"@")
+    p = path if type(path) is bytes else _b(path)
+    return p[:1] != b"/" and p[:1] != b"@"
 
 
 def canonicalize(path: str | bytes, home: str | bytes = b"/local/domain/0") -> bytes:
@@ -711,16 +707,17 @@ def canonicalize(path: str | bytes, home: str | bytes = b"/local/domain/0") -> b
 
     A socket connection's home in cxenstored 4.17 is ``/local/domain/0``.
     """
-    p = _b(path)
+    p = path if type(path) is bytes else _b(path)
     return _b(home) + b"/" + p if is_relative(p) else p
 
 
 def relativize(path: str | bytes, home: str | bytes = b"/local/domain/0") -> bytes:
-    """Inverse of :func:`canonicalize` for watch events on relative watches."""
+    """Inverse of :func:`canonicalize`: the path a relative watch's events report."""
     p, prefix = _b(path), _b(home) + b"/"
     return p[len(prefix) :] if p.startswith(prefix) else p
 
 
+@functools.lru_cache(maxsize=4096)
 def check_path(
     path: str | bytes,
     home: str | bytes = b"/local/domain/0",
@@ -728,7 +725,9 @@ def check_path(
 ) -> bytes:
     """The canonical node name for a node request, or ProtocolError (EINVAL).
 
-    ``@`` names are not nodes: READ/WRITE/... on them is EINVAL.
+    ``@`` names are not nodes: READ/WRITE/... on them is EINVAL.  Cached (the answer
+    depends on the arguments alone), since a server validates the same few names
+    over and over.
     """
     canonical = canonicalize(path, home)
     if not is_valid_nodename(canonical, max_path_len):
@@ -779,6 +778,7 @@ _LETTER_ACCESS = {
     ord("b"): Access.BOTH,
 }
 _ACCESS_LETTER = {v: chr(k) for k, v in _LETTER_ACCESS.items()}
+_FULL = Access.BOTH | Access.OWNER
 
 
 @dataclass(frozen=True, slots=True)
@@ -811,6 +811,7 @@ class Perm:
         return str(self).encode("ascii")
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_perm(text: str | bytes) -> Perm:
     """One permission as ``xs_strings_to_perms`` reads it.
 
@@ -818,7 +819,8 @@ def parse_perm(text: str | bytes) -> Perm:
     rest: ``n0x10`` is ``n16``, ``r010`` is ``r8``, ``r 5`` and ``r+5`` are ``r5``;
     ``n``, ``n5x``, ``n08``, ``r5 `` and ``q5`` are EINVAL.  cxenstored keeps the low 32
     bits and prints them signed, so ``r-1`` stays ``r-1`` and ``n99999999999`` becomes
-    ``n1215752191`` (checked against cxenstored 4.17).
+    ``n1215752191`` (checked against cxenstored 4.17).  Cached: a :class:`Perm` is
+    immutable, and a few texts make up nearly every permission list.
     """
     s = _b(text)
     if not s or s[0] not in _LETTER_ACCESS or b"\0" in s:
@@ -839,7 +841,7 @@ def parse_perms(items: Iterable[str | bytes]) -> list[Perm]:
 
 def format_perms(perms: Iterable[Perm]) -> bytes:
     """GET_PERMS reply payload: ``n0\\0r1\\0``."""
-    return b"".join(p.encode() + b"\0" for p in perms)
+    return b"".join([p.encode() + b"\0" for p in perms])
 
 
 def perm_for(
@@ -856,25 +858,19 @@ def perm_for(
     owner get READ|WRITE|OWNER.  Otherwise the first later entry naming ``domid`` (or
     its target) applies, else the owner's letter.
     """
-    full = Access.BOTH | Access.OWNER
     if privileged is None:
         privileged = domid == 0
     if privileged:
-        return full
+        return _FULL
     if not perms:
         return Access.NONE
     owner = perms[0].domid
     if owner == domid or (target is not None and owner == target):
-        return full
+        return _FULL
     for p in perms[1:]:
         if p.domid == domid or (target is not None and p.domid == target):
             return p.access
     return perms[0].access
-
-
-def format_perms_ls(perms: Iterable[Perm]) -> str:
-    """``xenstore-ls -p`` notation: ``(n0,r1)``."""
-    return "(" + ",".join(str(p) for p in perms) + ")"
 
 
 def parse_perms_text(text: str) -> list[Perm]:
