@@ -200,13 +200,21 @@ class PoolFile:
 
     All methods run on the trio thread.  Refusals by content (limits, writability)
     are the caller's business; this class raises FsError only for a missing key
-    (ENOENT), an existing rename target (EEXIST), a lock held too long
-    (ETIMEDOUT) and I/O errors.
+    (ENOENT), an existing rename target (EEXIST), a lock another process holds
+    for longer than ``lock_timeout`` (``timeout_errno``, ETIMEDOUT unless the
+    owner says otherwise) and I/O errors.
     """
 
-    def __init__(self, path: str, *, lock_timeout: float = LOCK_TIMEOUT) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        lock_timeout: float = LOCK_TIMEOUT,
+        timeout_errno: int = errno.ETIMEDOUT,
+    ) -> None:
         self.path = path
         self.lock_timeout = lock_timeout
+        self.timeout_errno = timeout_errno
         #: Set by the owner to hear about changes made by others.
         self.on_change: ChangeCallback | None = None
         self._state = _UNREAD
@@ -494,7 +502,7 @@ class PoolFile:
             raise
         waiter.abandon()
         raise FsError(
-            errno.ETIMEDOUT,
+            self.timeout_errno,
             f"{self.path} stayed locked by another process for {self.lock_timeout:g} s",
         )
 

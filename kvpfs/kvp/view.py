@@ -11,6 +11,10 @@ The host writes ``external`` and ``auto_external`` and the daemon synthesises
 plays the host); ``guest``, which the host reads, and the unused
 ``auto_internal`` are writable.  ``read_only`` (a ``ro`` mount) refuses every
 change with EROFS.
+
+Every read and change waits at most ``lock_timeout`` seconds for a lock another
+process holds on a pool file (a mount passes its ``timeout=S``); a wait that runs
+out fails with EIO and changes nothing, like a store that does not answer.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class KvpView(View):
     """The pool files of one directory as the ``kvp`` tree."""
 
     name = "kvp"
-    # Pool I/O is local; the only wait, for another writer's lock, has lock_timeout.
+    # Pool I/O is local; the only wait, for another process's lock, ends after
+    # lock_timeout (the mount's timeout=S) with EIO, as a store that does not answer.
     bounds_own_calls = True
     #: Longest filename a key can get, for statfs's namemax.
     max_name_bytes = MAX_NAME_BYTES
@@ -74,7 +79,9 @@ class KvpView(View):
         self._writable: dict[str, bool] = {}
         self._host_rules: dict[str, bool] = {}
         for number, pool_name in enumerate(POOL_NAMES):
-            pool = PoolFile(pool_path(directory, number), lock_timeout=lock_timeout)
+            pool = PoolFile(
+                pool_path(directory, number), lock_timeout=lock_timeout, timeout_errno=errno.EIO
+            )
             pool.on_change = functools.partial(self._pool_changed, pool_name)
             self._pools[pool_name] = pool
             self._writable[pool_name] = not read_only and (
