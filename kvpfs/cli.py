@@ -96,7 +96,7 @@ class _Version(argparse.Action):
         sys.exit(0)
 
 
-def _mount_parser() -> argparse.ArgumentParser:
+def mount_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="kvpfs",
         usage="kvpfs [SOURCE] MOUNTPOINT [-o OPT[,OPT...]] [-f] [-d] [-v] [--kvp-dir DIR] "
@@ -108,7 +108,10 @@ def _mount_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("first", metavar="SOURCE", help="auto (default), embedded or host")
     p.add_argument("second", metavar="MOUNTPOINT", nargs="?", help=argparse.SUPPRESS)
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    p.add_argument(
+        "-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
+        help="mount options (below); may be given more than once",
+    )
     p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-d", dest="debug", action="store_true", help="debug log; implies -f")
     p.add_argument(
@@ -128,7 +131,7 @@ def _mount_parser() -> argparse.ArgumentParser:
 
 
 def parse_mount_args(argv: Sequence[str]) -> MountConfig:
-    args = _mount_parser().parse_args(argv)
+    args = mount_parser().parse_args(argv)
     # ``kvpfs MOUNTPOINT`` or, as mount.fuse3 and sshfs have it, ``kvpfs SOURCE MOUNTPOINT``.
     if args.second is None:
         source, mountpoint = "auto", args.first
