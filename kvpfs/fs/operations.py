@@ -49,6 +49,11 @@ FUSE_NAME_MAX = 1024
 MAX_BUFFER = 1 << 20
 MAX_SCRATCH_BUFFER = 64 << 20
 
+# An Enum member costs a ~70 ns attribute lookup on Python 3.11; the requests of
+# every open, write and close use these instead.
+_WRITE, _FLUSH, _RELEASE = Event.WRITE, Event.FLUSH, Event.RELEASE
+_COMMIT, _COMMIT_NEW, _DROP = Action.COMMIT, Action.COMMIT_NEW, Action.DROP
+
 
 @dataclass(slots=True)
 class FsOptions:
@@ -338,7 +343,7 @@ class Operations(pyfuse3.Operations):
             if not handle.writable:
                 raise FsError(errno.EBADF)
             self._resize(handle, size)
-            self._apply(handle, Event.WRITE)
+            self._apply(handle, _WRITE)
             return
         assert ino.view is not None
         if not node.writable:
@@ -606,7 +611,7 @@ class Operations(pyfuse3.Operations):
         if end > len(handle.buffer):
             self._resize(handle, end)
         handle.buffer[off:end] = buf
-        self._apply(handle, Event.WRITE)
+        handle.state = transition(handle.state, _WRITE).state
         return len(buf)
 
     # ---------------------------------------------------------------- the open-file state machine
@@ -630,7 +635,7 @@ class Operations(pyfuse3.Operations):
         the store refuses is dropped: the caller reports the error, nothing retries."""
         actions = plan.actions
         try:
-            if Action.COMMIT in actions or Action.COMMIT_NEW in actions:
+            if _COMMIT in actions or _COMMIT_NEW in actions:
                 ino = handle.inode
                 assert ino.view is not None
                 scratch = self.overlay.get(ino.view, ino.path)
@@ -639,11 +644,11 @@ class Operations(pyfuse3.Operations):
                     scratch.mtime_ns = time.time_ns()
                 else:
                     await self._store(ino, bytes(handle.buffer))
-                if Action.COMMIT_NEW in actions:
+                if _COMMIT_NEW in actions:
                     self._stored(ino)
         finally:
             # Whatever the commit before it did: a refused new file is given up.
-            if Action.DROP in actions:
+            if _DROP in actions:
                 self._drop(handle)
 
     def _stored(self, ino: Inode) -> None:
@@ -675,7 +680,7 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         handle = self._files.get(fh)
         if handle is not None:
-            plan = transition(handle.state, Event.FLUSH)
+            plan = transition(handle.state, _FLUSH)
             handle.state = plan.state
             if plan.actions:
                 await self._carry_out(handle, plan)
@@ -697,7 +702,7 @@ class Operations(pyfuse3.Operations):
                 handle.state = State.CLOSED
                 await self._call_unbounded(handle.stream, handle.stream.release())
             else:
-                plan = transition(handle.state, Event.RELEASE)
+                plan = transition(handle.state, _RELEASE)
                 handle.state = plan.state
                 if plan.actions:
                     await self._carry_out(handle, plan)
