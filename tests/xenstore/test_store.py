@@ -9,9 +9,11 @@ expectations come from the reference (§7, §8.4, §11) and run on the model onl
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from kvpfs.peers.xenstored.store import Quotas, Store
-from kvpfs.xenstore.protocol import Message, Op
+from kvpfs.peers.xenstored.store import Quotas, Store, _ancestors
+from kvpfs.xenstore.protocol import Message, Op, is_child
 
 
 def z(*parts: bytes) -> bytes:
@@ -199,3 +201,18 @@ def test_nodes_stay_compact() -> None:
     tracemalloc.stop()
     assert store.node_count() > 30_000
     assert used < 30 * 1024 * 1024
+
+
+# The store finds the watches an event fires by walking up the changed path
+# (_ancestors), the client by testing each watch with protocol.is_child: both must
+# be the same rule.
+_names = st.lists(st.sampled_from(["a", "ab", "b", "a-b", "0"]), max_size=5)
+
+
+@given(_names, _names, st.integers(0, 5))
+@example(["a", "b"], ["ab"], 0)
+@example(["ab"], ["a"], 0)
+def test_ancestors_agree_with_is_child(child: list[str], other: list[str], shared: int) -> None:
+    child_path = ("/" + "/".join(child)).encode()
+    parent_path = ("/" + "/".join(child[:shared] + other)).encode()
+    assert (parent_path in set(_ancestors(child_path))) == is_child(child_path, parent_path)

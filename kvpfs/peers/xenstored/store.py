@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from kvpfs.xenstore.protocol import (
+    DEFAULT_MAX_PATH_LEN,
     EMBEDDED_PROBE,
     EMBEDDED_PROBE_REPLY,
     HEADER,
@@ -41,17 +42,39 @@ from kvpfs.xenstore.protocol import (
     OK,
     RELEASE_DOMAIN,
     XENSTORE_PAYLOAD_MAX,
-    XENSTORE_REL_PATH_MAX,
-    XSD_ERRORS,
     Access,
     Message,
     Op,
     Perm,
     ProtocolError,
+    build_bool,
+    build_directory_part_reply,
+    build_error,
+    build_path,
+    build_set_perms,
+    build_strings,
+    build_transaction_id,
+    build_watch_event,
+    build_write,
     c_atoi,
-    c_strtol,
+    canonicalize,
+    check_path,
+    check_watch_path,
     domain_path,
-    parse_perm,
+    format_perms,
+    is_relative,
+    onearg,
+    parse_control,
+    parse_directory_part,
+    parse_domid,
+    parse_introduce,
+    parse_set_perms,
+    parse_set_target,
+    parse_transaction_end,
+    parse_watch,
+    parse_write,
+    perm_for,
+    relativize,
 )
 
 __all__ = [
@@ -88,12 +111,7 @@ _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 _HEADER_SIZE = HEADER.size
 
-#: XS_ERROR payload per errno; an errno outside the table is sent as EINVAL, as
-#: cxenstored's ``send_error`` does.
-_ERROR_PAYLOADS = {num: name.encode() + b"\0" for name, num in XSD_ERRORS}
-_EINVAL_PAYLOAD = _ERROR_PAYLOADS[E.EINVAL]
-
-#: Bound of the cache of validated paths (:meth:`Store._path`).
+#: Bound of the cache of validated request payloads (:meth:`Store._path_arg`).
 _PATH_CACHE_MAX = 4096
 #: Bound of the cache of encoded watch events (frames plus paths, see
 #: :meth:`Store._fire_entry`): at most about a megabyte.
@@ -103,12 +121,6 @@ _FIRE_CACHE_MAX = 16384
 #: the node-size quota counts it.
 _NODE_HEADER = 24
 _PERM_SIZE = 8
-
-_VALID = bytes(
-    1 if chr(c) in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-/_@" else 0
-    for c in range(256)
-)
-_INVALID_CHARS = bytes(c for c in range(256) if not _VALID[c])
 
 HELP_TEXT = (
     b"check\t\n"
@@ -149,7 +161,7 @@ class Quotas:
     transaction_nodes: int = 1024
     memory: int = 2621440
     node_size: int = 2048
-    path_max: int = XENSTORE_REL_PATH_MAX
+    path_max: int = DEFAULT_MAX_PATH_LEN
     permissions: int = 5
     memory_soft: int = 2097152
 
@@ -235,7 +247,7 @@ class _Tx:
 
 
 class _Watch:
-    __slots__ = ("conn", "order", "path", "relative", "seq", "suffix", "token")
+    __slots__ = ("conn", "order", "path", "relative", "seq", "token")
 
     def __init__(self, conn: _Conn, path: bytes, token: bytes, relative: bool, seq: int) -> None:
         self.conn = conn
@@ -245,15 +257,12 @@ class _Watch:
         self.seq = seq
         #: Where cxenstored's watch list puts it: by connection, then age.
         self.order = (conn.id, seq)
-        #: What follows the path in its events.
-        self.suffix = b"\0" + token + b"\0"
 
 
 class _Conn:
     __slots__ = (
         "domid",
         "home",
-        "home_len",
         "id",
         "next_tx",
         "privileged",
@@ -266,7 +275,6 @@ class _Conn:
         self.domid = domid
         self.privileged = privileged
         self.home = domain_path(domid)
-        self.home_len = len(self.home) + 1
         self.watches: list[_Watch] = []
         self.transactions: dict[int, _Tx] = {}
         self.next_tx = 1
@@ -380,9 +388,8 @@ class Store:
             RELEASE_DOMAIN: _N0,
         }
         self._logfile_set = False
-        #: Absolute names already validated, and one-argument payloads (name and
-        #: NUL) → their name; see _remember.
-        self._valid_paths: dict[bytes, bytes] = {}
+        #: One-argument payloads (an absolute name and NUL) → their name; see
+        #: _path_arg.
         self._arg_paths: dict[bytes, bytes] = {}
         self._handlers: dict[int, _Handler] = {
             Op.CONTROL: self._do_control,
@@ -425,18 +432,19 @@ class Store:
         conn = self.connect(0)
         home = domain_path(domid)
         guest = (Perm(Access.NONE, 0), Perm(Access.READ, domid))
+        channel = home + b"/device/suspend/event-channel"
         steps: list[tuple[int, bytes]] = [
-            (Op.WRITE, b"/local/domain/0/name\0Domain-0"),
-            (Op.WRITE, b"/local/domain/0/domid\0" + b"0"),
-            (Op.MKDIR, home + b"\0"),
-            (Op.SET_PERMS, home + b"\0" + b"".join(p.encode() + b"\0" for p in guest)),
-            (Op.WRITE, home + b"/name\0" + name),
-            (Op.WRITE, home + b"/domid\0" + str(domid).encode()),
-            (Op.MKDIR, home + b"/device\0"),
-            (Op.MKDIR, home + b"/device/suspend\0"),
-            (Op.WRITE, home + b"/device/suspend/event-channel\0"),
-            (Op.SET_PERMS, home + b"/device/suspend/event-channel\0n%d\0" % domid),
-            (Op.MKDIR, b"/libxl/%d\0" % domid),
+            (Op.WRITE, build_write(b"/local/domain/0/name", b"Domain-0")),
+            (Op.WRITE, build_write(b"/local/domain/0/domid", b"0")),
+            (Op.MKDIR, build_path(home)),
+            (Op.SET_PERMS, build_set_perms(home, guest)),
+            (Op.WRITE, build_write(home + b"/name", name)),
+            (Op.WRITE, build_write(home + b"/domid", b"%d" % domid)),
+            (Op.MKDIR, build_path(home + b"/device")),
+            (Op.MKDIR, build_path(home + b"/device/suspend")),
+            (Op.WRITE, build_write(channel, b"")),
+            (Op.SET_PERMS, build_set_perms(channel, [Perm(Access.NONE, domid)])),
+            (Op.MKDIR, build_path(b"/libxl/%d" % domid)),
         ]
         for op, payload in steps:
             out = self.handle(conn, Message(op, 0, 0, payload))
@@ -511,65 +519,36 @@ class Store:
                 raise StoreError(E.EACCES)
             reply = handler(conn, tx, payload, out)
         except (StoreError, ProtocolError) as exc:
-            err = _ERROR_PAYLOADS.get(exc.errno, _EINVAL_PAYLOAD)
+            err = build_error(exc.errno)
             out.append((conn_id, _pack_header(_ERROR, req_id, tx_id, len(err)) + err))
             return out
         out.append((conn_id, _pack_header(mtype, req_id, tx_id, len(reply)) + reply))
         if mtype == _WATCH:
             # The initial event follows the WATCH reply.
-            path, token = payload_watch_initial(payload)
-            out.append((conn_id, _event_frame(path + b"\0" + token + b"\0")))
+            out.append((conn_id, _event_frame(build_watch_event(*parse_watch(payload)))))
         return out
 
     # ------------------------------------------------------------------ arguments
 
-    @staticmethod
-    def _onearg(payload: bytes) -> bytes:
-        if not payload or payload.find(b"\0") != len(payload) - 1:
-            raise StoreError(E.EINVAL)
-        return payload[:-1]
-
-    def _path(self, conn: _Conn, raw: bytes) -> bytes:
-        """Canonical, validated node name (EINVAL otherwise)."""
-        path = self._valid_paths.get(raw)
-        if path is not None and len(path) <= self.quotas.path_max:
-            return path
-        if raw[:1] == b"/":
-            path = raw
-        elif raw[:1] == b"@":
-            raise StoreError(E.EINVAL)
-        else:
-            path = conn.home + b"/" + raw
-        if path != b"/" and (path[-1:] == b"/" or b"//" in path):
-            raise StoreError(E.EINVAL)
-        if len(path) > self.quotas.path_max and len(path) > _local_off(path) + self.quotas.path_max:
-            raise StoreError(E.EINVAL)
-        if path.translate(None, _INVALID_CHARS) != path:
-            raise StoreError(E.EINVAL)
-        if path is raw:
-            self._remember(self._valid_paths, raw, path)
-        return path
-
     def _path_arg(self, conn: _Conn, payload: bytes) -> bytes:
-        """``_path(_onearg(payload))``: a request whose argument is one node name."""
-        path = self._arg_paths.get(payload)
+        """``check_path(onearg(payload))``: a request whose argument is one node name.
+
+        The answer for an absolute name is kept by payload, which skips both calls
+        (they cost more than the rest of a read).  A relative name is not kept: its
+        meaning depends on the connection.  Only ``path_max`` can make a valid name
+        invalid later, so a hit is re-checked against it (a valid name longer than
+        ``path_max``, allowed below a domain's home, just misses).
+        """
+        cache = self._arg_paths
+        path = cache.get(payload)
         if path is not None and len(path) <= self.quotas.path_max:
             return path
-        path = self._path(conn, self._onearg(payload))
+        path = check_path(onearg(payload), conn.home, self.quotas.path_max)
         if payload[:1] == b"/":
-            self._remember(self._arg_paths, payload, path)
+            if len(cache) >= _PATH_CACHE_MAX:
+                cache.clear()
+            cache[payload] = path
         return path
-
-    @staticmethod
-    def _remember(cache: dict[bytes, bytes], key: bytes, path: bytes) -> None:
-        """Cache a validated absolute path (validating costs more than the rest of
-        a read).  A relative name is not cached: its meaning depends on the
-        connection.  Only ``path_max`` can make a valid name invalid later, so a hit
-        is re-checked against it (a valid name longer than ``path_max``, allowed
-        below a domain's home, just misses)."""
-        if len(cache) >= _PATH_CACHE_MAX:
-            cache.clear()
-        cache[key] = path
 
     # ------------------------------------------------------------------ tree access
 
@@ -698,7 +677,8 @@ class Store:
         seen: set[tuple[int, bytes]] = set()
         for w in matched:
             conn = w.conn
-            payload = (path[conn.home_len :] if w.relative else path) + w.suffix
+            shown = relativize(path, conn.home) if w.relative else path
+            payload = build_watch_event(shown, w.token)
             key = (conn.id, payload)
             if key in seen:
                 continue
@@ -729,23 +709,16 @@ class Store:
             if (conn.id, w.token) in sent:
                 continue
             sent.add((conn.id, w.token))
-            out.append((conn.id, _event_frame(name + w.suffix)))
+            out.append((conn.id, _event_frame(build_watch_event(name, w.token))))
 
     # ------------------------------------------------------------------ permissions
 
     def _access(self, conn: _Conn, perms: tuple[Perm, ...]) -> Access:
         if conn.privileged:
             return _FULL
-        domid = conn.domid
-        dom = self._domains.get(domid)
+        dom = self._domains.get(conn.domid)
         target = dom.target if dom is not None else None
-        owner = perms[0].domid
-        if owner == domid or (target is not None and owner == target):
-            return _FULL
-        for p in perms[1:]:
-            if p.domid == domid or (target is not None and p.domid == target):
-                return p.access
-        return perms[0].access
+        return perm_for(conn.domid, perms, privileged=False, target=target)
 
     def _check(self, conn: _Conn, tx: _Tx | None, path: bytes, node: Node, want: Access) -> None:
         if conn.privileged:
@@ -773,7 +746,7 @@ class Store:
     def _existing(
         self, conn: _Conn, tx: _Tx | None, raw: bytes, want: Access
     ) -> tuple[bytes, Node]:
-        path = self._path(conn, raw)
+        path = check_path(raw, conn.home, self.quotas.path_max)
         node = self._get(tx, path)
         if node is None:
             raise self._missing(conn, tx, path)
@@ -801,34 +774,19 @@ class Store:
 
     def _do_directory(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
         node = self._existing_arg(conn, tx, payload, _READ)
-        data = b"".join([c + b"\0" for c in node.children])
+        data = build_strings(node.children)
         if len(data) > XENSTORE_PAYLOAD_MAX:
             raise StoreError(E.E2BIG)
         return data
 
     def _do_directory_part(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        if payload.count(b"\0") != 2:
-            raise StoreError(E.EINVAL)
-        raw, off_raw, _ = payload.split(b"\0")
+        raw, offset = parse_directory_part(payload)
         node = self._existing(conn, tx, raw, Access.READ)[1]
-        offset = c_atoi(off_raw)
-        gen = b"%d\0" % node.gen
-        data = b"".join([c + b"\0" for c in node.children])
-        if offset < 0 or offset >= len(data):
-            return gen + b"\0"
-        maxlen = XENSTORE_PAYLOAD_MAX - len(gen) - 1
-        end = offset + maxlen
-        if end >= len(data):
-            return gen + data[offset:] + b"\0"
-        # Whole names only: cut after the last NUL that fits.
-        cut = data.rfind(b"\0", offset, end) + 1
-        if cut <= offset:
-            return gen + b"\0"
-        return gen + data[offset:cut]
+        return build_directory_part_reply(node.gen, build_strings(node.children), offset)
 
     def _do_get_perms(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
         node = self._existing_arg(conn, tx, payload, _READ)
-        return b"".join([p.encode() + b"\0" for p in node.perms])
+        return format_perms(node.perms)
 
     # ------------------------------------------------------------------ write ops
 
@@ -878,11 +836,8 @@ class Store:
         return created
 
     def _do_write(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        nul = payload.find(b"\0")
-        if nul < 0:
-            raise StoreError(E.EINVAL)
-        path = self._path(conn, payload[:nul])
-        value = payload[nul + 1 :]
+        raw, value = parse_write(payload)
+        path = check_path(raw, conn.home, self.quotas.path_max)
         node = self._nodes.get(path) if tx is None else self._get(tx, path)
         if node is None:
             created = self._create(conn, tx, path, value, out)
@@ -972,14 +927,8 @@ class Store:
         self._store(tx, parent_path, parent)
 
     def _do_set_perms(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        num = payload.count(b"\0") - 1
-        if num < 1:
-            raise StoreError(E.EINVAL)
-        strings = payload.split(b"\0")
-        raw = strings[0]
-        if not conn.privileged and num > self.quotas.permissions:
-            raise StoreError(E.ENOSPC)
-        perms = tuple(parse_perm(s) for s in strings[1 : 1 + num])
+        limit = None if conn.privileged else self.quotas.permissions
+        raw, perms = parse_set_perms(payload, limit)
         if raw in self._special_perms:
             if not conn.privileged and not (
                 self._access(conn, self._special_perms[raw]) & Access.WRITE
@@ -1013,36 +962,23 @@ class Store:
     # ------------------------------------------------------------------ watches
 
     def _do_watch(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        strings = payload.split(b"\0")
-        if len(strings) != 3:
-            raise StoreError(E.EINVAL)
-        raw, token, _ = strings
-        path, relative = self._watch_path(conn, raw)
+        raw, token = parse_watch(payload)
+        path = check_watch_path(raw, conn.home, self.quotas.path_max)
         for w in conn.watches:
             if w.path == path and w.token == token:
                 raise StoreError(E.EEXIST)
         if not conn.privileged and len(conn.watches) >= self.quotas.watches:
             raise StoreError(E.E2BIG)
         self._watch_seq += 1
-        w = _Watch(conn, path, token, relative, self._watch_seq)
+        w = _Watch(conn, path, token, is_relative(raw), self._watch_seq)
         conn.watches.append(w)
         self._watch_index.setdefault(path, []).append(w)
         self._forget_fired()
         return _OK
 
-    def _watch_path(self, conn: _Conn, raw: bytes) -> tuple[bytes, bool]:
-        if raw[:1] == b"@":
-            if len(raw) > XENSTORE_REL_PATH_MAX:
-                raise StoreError(E.EINVAL)
-            return raw, False
-        return self._path(conn, raw), raw[:1] != b"/"
-
     def _do_unwatch(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        strings = payload.split(b"\0")
-        if len(strings) != 3:
-            raise StoreError(E.EINVAL)
-        raw, token, _ = strings
-        path = raw if raw[:1] in (b"/", b"@") else conn.home + b"/" + raw
+        raw, token = parse_watch(payload)
+        path = canonicalize(raw, conn.home)
         for i, w in enumerate(conn.watches):
             if w.path == path and w.token == token:
                 del conn.watches[i]
@@ -1083,18 +1019,12 @@ class Store:
         conn.next_tx = (tx_id + 1) & 0xFFFFFFFF
         conn.transactions[tx_id] = _Tx(tx_id, conn)
         self._gen += 1
-        return b"%d\0" % tx_id
+        return build_transaction_id(tx_id)
 
     def _do_transaction_end(
         self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames
     ) -> bytes:
-        arg = self._onearg(payload)
-        if arg == b"T":
-            commit = True
-        elif arg == b"F":
-            commit = False
-        else:
-            raise StoreError(E.EINVAL)
+        commit = parse_transaction_end(payload)
         if tx is None:
             raise StoreError(E.ENOENT)
         del conn.transactions[tx.id]
@@ -1132,27 +1062,20 @@ class Store:
 
     # ------------------------------------------------------------------ domains
 
-    def _domid_arg(self, payload: bytes) -> int:
-        return c_atoi(self._onearg(payload))
-
     def _do_get_domain_path(
         self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames
     ) -> bytes:
-        return domain_path(self._domid_arg(payload)) + b"\0"
+        return domain_path(parse_domid(payload)) + b"\0"
 
     def _do_is_domain_introduced(
         self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames
     ) -> bytes:
-        domid = self._domid_arg(payload) & 0xFFFFFFFF
-        return b"T\0" if _signed(domid) in self._domains else b"F\0"
+        return build_bool(parse_domid(payload) in self._domains)
 
     def _do_introduce(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        strings = payload.split(b"\0")[:-1]
-        if len(strings) < 3:
-            raise StoreError(E.EINVAL)
-        domid = c_atoi(strings[0])
-        c_strtol(strings[1], 0)
-        port = c_atoi(strings[2])
+        domid_text, _, port_text = parse_introduce(payload)  # the gfn is not used
+        domid = c_atoi(domid_text)
+        port = c_atoi(port_text)
         if port <= 0:
             raise StoreError(E.EINVAL)
         if domid in self._domains:
@@ -1161,12 +1084,17 @@ class Store:
         self._fire_special(INTRODUCE_DOMAIN, out)
         return _OK
 
-    def _do_release(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        domid = self._domid_arg(payload)
+    def _guest_domid(self, payload: bytes) -> int:
+        """The domain of RELEASE and RESUME: never dom0 (EINVAL), introduced (ENOENT)."""
+        domid = parse_domid(payload)
         if domid == 0:
             raise StoreError(E.EINVAL)
         if domid not in self._domains:
             raise StoreError(E.ENOENT)
+        return domid
+
+    def _do_release(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
+        domid = self._guest_domid(payload)
         del self._domains[domid]
         self._remove_owned(conn, domid, out)
         for other in list(self._conns.values()):
@@ -1192,19 +1120,13 @@ class Store:
             stack.extend(reversed([_child(path, c) for c in node.children]))
 
     def _do_resume(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        domid = self._domid_arg(payload)
-        if domid == 0:
-            raise StoreError(E.EINVAL)
-        if domid not in self._domains:
-            raise StoreError(E.ENOENT)
+        self._guest_domid(payload)
         return _OK
 
     def _do_set_target(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        strings = payload.split(b"\0")[:-1]
-        if len(strings) < 2:
-            raise StoreError(E.EINVAL)
-        domid = c_atoi(strings[0])
-        target = c_atoi(strings[1])
+        domid_text, target_text = parse_set_target(payload)
+        domid = c_atoi(domid_text)
+        target = c_atoi(target_text)
         dom = self._domains.get(domid)
         if dom is None or target not in self._domains:
             raise StoreError(E.ENOENT)
@@ -1214,10 +1136,7 @@ class Store:
     # ------------------------------------------------------------------ control
 
     def _do_control(self, conn: _Conn, tx: _Tx | None, payload: bytes, out: Frames) -> bytes:
-        strings = payload.split(b"\0")[:-1]
-        if not strings:
-            raise StoreError(E.EINVAL)
-        cmd, args = strings[0], strings[1:]
+        cmd, args = parse_control(payload)
         if cmd == b"check" and not args:
             return _OK
         if cmd == b"help" and not args:
@@ -1323,30 +1242,3 @@ class Store:
     def generation(self) -> int:
         """The next generation number to be handed out."""
         return self._gen
-
-
-def payload_watch_initial(payload: bytes) -> tuple[bytes, bytes]:
-    """The (path, token) of a WATCH request as its initial event repeats them."""
-    path, token, _ = payload.split(b"\0")
-    return path, token
-
-
-def _signed(value: int) -> int:
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def _local_off(path: bytes) -> int:
-    prefix = b"/local/domain/"
-    if not path.startswith(prefix):
-        return 0
-    i = len(prefix)
-    j = i
-    end = min(len(path), i + 5)
-    if j < end and path[j] in b"+-":
-        j += 1
-    digits = j
-    while j < end and 48 <= path[j] <= 57:
-        j += 1
-    if j == digits or j >= len(path) or path[j] != 0x2F:
-        return 0
-    return j + 1
