@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.fs.memory_view import MemoryView
-from tests.mounting import in_thread
+from tests.mounting import eventually, in_thread
 
 pytestmark = pytest.mark.mount
 
@@ -39,6 +39,11 @@ async def test_touch_stores_an_empty_value_at_release(mount, store: MemoryView) 
         return listed
 
     assert await in_thread(touch) == ["k", "new"]
+
+    async def stored() -> bool:  # at FUSE's release, which follows close(2) asynchronously
+        return bool(writes(store))
+
+    await eventually(stored, timeout=5)
     assert writes(store) == [("write", ("d", "new"), b"")]
 
 
