@@ -26,6 +26,7 @@ import functools
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ __all__ = [
     "KvpfsMountWarning",
     "MountUnavailable",
     "Xenstored",
+    "command_env",
     "fuse_unavailable",
     "mount_options",
 ]
@@ -66,7 +68,7 @@ T = TypeVar("T")
 #: How long a helper's XenStore conversation, a mount's start and each step of
 #: its stop may take (seconds).
 TIMEOUT = 30.0
-#: Where the command runs from: the same kvpfs as this process, whatever sys.path.
+#: Where this process's kvpfs comes from: the command must run the same one.
 _PACKAGE_PARENT = str(Path(kvpfs.__file__).resolve().parent.parent)
 #: A unix socket path holds at most 107 bytes; our names below a directory need 20.
 _SOCKET_DIR_MAX = 80
@@ -83,6 +85,19 @@ class KvpfsMountWarning(UserWarning):
 class MountUnavailable(Exception):
     """This machine does not let the test mount (no usable /dev/fuse, or no right to
     mount); the plugin turns it into a skip with this message as the reason."""
+
+
+def command_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) for a ``python -m kvpfs`` that imports
+    this process's kvpfs: a checkout or a path added at run time goes first on
+    ``PYTHONPATH`` (an installed package is found without it)."""
+    result = dict(os.environ if env is None else env)
+    places = [*site.getsitepackages(), site.getusersitepackages()]
+    installed = {str(Path(p).resolve()) for p in places}
+    if _PACKAGE_PARENT not in installed:
+        pythonpath = result.get("PYTHONPATH")
+        result["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + pythonpath if pythonpath else "")
+    return result
 
 
 def fuse_unavailable(device: str = "/dev/fuse") -> str | None:
@@ -411,7 +426,7 @@ class KvpfsMount:
     ) -> None:
         self.base = Path(base)
         self.root = self.base / "mnt"
-        self.kvp_dir = Path(kvp_dir) if kvp_dir is not None else self.base / "kvp"
+        self.kvp_dir = Path(kvp_dir).absolute() if kvp_dir is not None else self.base / "kvp"
         self.log_path = self.base / "kvpfs.log"
         self.options = dict(options)
         self.xenstored: Xenstored | None = None
@@ -457,16 +472,16 @@ class KvpfsMount:
         state = self.base / "state"
         state.mkdir(exist_ok=True)
         self._runtime = short_tempdir("kvpfs-run-")
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("XENSTORED_PATH", "XENSTORED_RUNDIR")
-        }
+        env = command_env()
+        env.pop("XENSTORED_PATH", None)
+        env.pop("XENSTORED_RUNDIR", None)
         env["XDG_RUNTIME_DIR"] = str(self._runtime)
         env["XDG_STATE_HOME"] = str(state)
-        pythonpath = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + pythonpath if pythonpath else "")
         with open(self.log_path, "ab") as log:
+            # cwd "/": a test's working directory (perhaps in another mount) is not
+            # held by the mount process.
             self.process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd="/"
             )
         deadline = time.monotonic() + timeout
         while mount_type(str(self.root)) != FSTYPE:
@@ -513,7 +528,7 @@ class KvpfsMount:
                 subprocess.run(
                     [sys.executable, "-m", "kvpfs", "unmount", str(self.root)],
                     stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT,
-                    check=False, env={**os.environ, "PYTHONPATH": _PACKAGE_PARENT},
+                    check=False, env=command_env(), cwd="/",
                 )
         if process is not None:
             sent = []

@@ -122,7 +122,8 @@ def test_the_rootless_line_runs_a_downstream_project() -> None:
         (project / ".venv").symlink_to(sys.prefix)
         os.chmod(work, 0o755)
         probe = subprocess.run(
-            [*NOBODY, str(project / ".venv/bin/python"), "-c", "import kvpfs.pytest_plugin, pytest_trio"],
+            [*NOBODY, "unshare", "-U", "-r", "-m", str(project / ".venv/bin/python"), "-c",
+             "import kvpfs.pytest_plugin, pytest_trio"],
             capture_output=True, check=False,
         )
         prefix: list[str] = []
