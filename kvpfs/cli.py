@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from kvpfs import __version__
@@ -295,6 +295,23 @@ def _detach_stdio(log_fd: int | None) -> None:
     os.dup2(target, 2)
 
 
+def _run_trio(main: Callable[[], Awaitable[None]], context: str = "") -> None:
+    """``trio.run(main)``; a failure the user can act on becomes one line
+    (:func:`kvpfs.errors.one_line`), anything else keeps its traceback."""
+    import trio
+
+    try:
+        trio.run(main)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        message = one_line(exc)
+        if message is None:
+            raise
+        log.debug("failed", exc_info=True)
+        raise UsageError(context + message) from None
+
+
 def _serve(config: MountConfig, ready_fd: int | None, log_fd: int | None) -> int:
     import trio
 
@@ -317,16 +334,7 @@ def _serve(config: MountConfig, ready_fd: int | None, log_fd: int | None) -> int
                 os.close(ready_fd)
                 _detach_stdio(log_fd)
 
-    try:
-        trio.run(main)
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            raise
-        message = one_line(exc)
-        if message is None:
-            raise
-        log.debug("the mount failed", exc_info=True)
-        raise UsageError(message) from None
+    _run_trio(main)
     return 0
 
 
@@ -485,15 +493,7 @@ def run_xenstored(argv: Sequence[str]) -> int:
                         _write_dump(args.dump, await dump_tree(client))
                 nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(main)
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            raise
-        message = one_line(exc)
-        if message is None:
-            raise
-        raise UsageError(f"cannot serve on {args.socket}: {message}") from None
+    _run_trio(main, f"cannot serve on {args.socket}: ")
     return 0
 
 

@@ -8,6 +8,7 @@ events and took the whole mount down (kvp/ included).
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,9 @@ def test_a_burst_of_backend_writes_ends_nothing(mnt: Path, pools: Pools, tmp_pat
     image.write_bytes(b"\0" * (1 << 20))
     (mnt / "vbd/attach").write_text(f"1 {image},raw,xvdb,rw\n")
     device = mnt / "vbd/xbdback1i51728"
+    deadline = time.monotonic() + 10
+    while (device / "frontend-state").read_text() != "4\n" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert (device / "backend-state-name").read_text() == "Connected\n"
     (mnt / "kvp/guest/after-burst").write_text("ok\n")
     assert pools.bytes("guest") == rec(b"after-burst", b"ok")

@@ -170,6 +170,11 @@ def test_embedded_xen_beside_kvp(mnt: Path, pools: Pools, tmp_path: Path) -> Non
     image.write_bytes(b"\0" * (1 << 20))
     (mnt / "vbd/attach").write_bytes(f"1 format=raw, vdev=xvdb, access=rw, target={image}\n".encode())
     device = mnt / "vbd/xbdback1i51728"
+    # The write returns once the backend waits for the guest (as xl block-attach);
+    # the size is there once the simulated guest has connected.
+    deadline = time.monotonic() + 10
+    while (device / "frontend-state").read_bytes() != b"4\n" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert (device / "size").read_bytes() == b"1048576\n"
     assert (device / "vdev").read_bytes() == b"xvdb\n"
     listing = subprocess.run(

@@ -71,7 +71,13 @@ def crash_once(monkeypatch: pytest.MonkeyPatch, cls: Any) -> trio.Event:
 
 async def attach_and_wait(mnt: str, image: Path, devid: str = "51728") -> None:
     await sh(f"echo '1 {image},raw,xvdb,rw' > {mnt}/vbd/attach")
-    assert await in_thread(read_bytes, f"{mnt}/vbd/xbdback1i{devid}/backend-state-name") == b"Connected\n"
+    device = f"{mnt}/vbd/xbdback1i{devid}"
+
+    async def connected() -> bool:
+        return await in_thread(read_bytes, f"{device}/frontend-state") == b"4\n"
+
+    await eventually(connected, timeout=10)
+    assert await in_thread(read_bytes, f"{device}/backend-state-name") == b"Connected\n"
     await sh(["rmdir", f"{mnt}/vbd/xbdback1i{devid}"])
 
 
