@@ -36,6 +36,7 @@ __all__ = [
     "domain_creation_ops",
     "parse_xbdback_name",
     "unsupported_reason",
+    "vm_uuid",
     "xbdback_name",
 ]
 
@@ -228,16 +229,17 @@ def closing_ops(paths: DevicePaths, backend_state: int | None) -> list[XsOp]:
     return ops
 
 
-_DOMAIN_ROOT = re.compile(r"/(?:local(?:/domain(?:/[0-9]+)?)?|libxl(?:/[0-9]+)?)?")
+_DOMAIN_ROOT = re.compile(r"/(?:local(?:/domain(?:/[0-9]+)?)?|libxl(?:/[0-9]+(?:/device)?)?)?")
 
 
 def cleanup_parents_stop(path: str) -> bool:
     """Whether removing empty parents must stop before ``path``.
 
-    libxl walks up to the root.  A domain's own directories (``/local/domain/<id>``
-    and ``/libxl/<id>``) and everything above belong to the domain's lifetime, not
-    to a device: in a real dom0 they are never empty at this point, but in a tree
-    as domain creation leaves it ``/libxl/<id>`` is, so kvpfs stops there.
+    libxl walks up to the root.  A domain's own directories (``/local/domain/<id>``,
+    ``/libxl/<id>`` and ``/libxl/<id>/device``, all made by domain creation) and
+    everything above belong to the domain's lifetime, not to a device, so kvpfs
+    stops there: a detach leaves the tree as the attach found it.  (libxl itself
+    removes an emptied ``/libxl/<id>/device`` after the last detach.)
     """
     return _DOMAIN_ROOT.fullmatch(path) is not None
 
@@ -250,19 +252,66 @@ def dom0_ops() -> list[XsOp]:
     ]
 
 
+#: The guest-writable nodes ``libxl__domain_make`` creates under the home, in its
+#: order (libxl 4.17, tools/libs/light/libxl_create.c; a PV guest).
+GUEST_WRITABLE = (
+    "control/shutdown",
+    "control/feature-poweroff",
+    "control/feature-reboot",
+    "control/feature-suspend",
+    "control/sysrq",
+    "device/suspend/event-channel",
+    "data",
+    "drivers",
+    "feature",
+    "attr",
+    "error",
+)
+
+
+def vm_uuid(domid: int) -> str:
+    """A stable stand-in for the guest's UUID (libxl takes the real one)."""
+    return f"00000000-0000-4000-8000-{domid:012x}"
+
+
 def domain_creation_ops(domid: int, name: str) -> list[XsOp]:
-    """The part of ``libxl__domain_make`` a vbd depends on (reference §12.2):
-    the home with ``[n0, r<domU>]``, ``device`` (inheriting it), the suspend event
-    channel node owned by the guest, and ``/libxl/<domU>`` with ``[n0]``."""
+    """``libxl__domain_make``'s transaction for a PV guest, as libxl 4.17 writes it.
+
+    The home and ``/vm/<uuid>`` with ``[n0, r<domU>]``, ``/libxl/<domU>`` and its
+    ``device`` with ``[n0]``, ``vm`` and ``name``, the read-only ``cpu``, ``memory``,
+    ``device`` and ``control`` directories, the nodes the guest writes
+    (:data:`GUEST_WRITABLE`, ``[n<domU>]``), the platform features and the domain
+    type.  ``domid`` is written too, as the build that follows does (reference
+    §12.2 names only the nodes a vbd depends on; this is the whole layout, so that
+    a guest agent can write ``data/`` or ``control/`` as on a real dom0).
+    """
     home = f"/local/domain/{domid}"
-    return [
+    vm = f"/vm/{vm_uuid(domid)}"
+    libxl = f"/libxl/{domid}"
+    ro = ("n0", f"r{domid}")
+    rw = (f"n{domid}",)
+    ops = [
         XsOp(MKDIR, home),
-        XsOp(SET_PERMS, home, perms=("n0", f"r{domid}")),
+        XsOp(SET_PERMS, home, perms=ro),
+        XsOp(MKDIR, vm),
+        XsOp(SET_PERMS, vm, perms=ro),
+        XsOp(MKDIR, libxl),
+        XsOp(MKDIR, f"{libxl}/device"),
+        XsOp(WRITE, f"{home}/vm", _b(vm)),
         XsOp(WRITE, f"{home}/name", _b(name)),
-        XsOp(WRITE, f"{home}/domid", b"%d" % domid),
-        XsOp(MKDIR, f"{home}/device"),
-        XsOp(MKDIR, f"{home}/device/suspend"),
-        XsOp(WRITE, f"{home}/device/suspend/event-channel", b""),
-        XsOp(SET_PERMS, f"{home}/device/suspend/event-channel", perms=(f"n{domid}",)),
-        XsOp(MKDIR, f"/libxl/{domid}"),
     ]
+    for directory in ("cpu", "memory", "device", "control"):
+        path = f"{home}/{directory}"
+        ops += [XsOp(MKDIR, path), XsOp(SET_PERMS, path, perms=ro)]
+    for node in GUEST_WRITABLE:
+        path = f"{home}/{node}"
+        ops += [XsOp(MKDIR, path), XsOp(SET_PERMS, path, perms=rw)]
+    ops += [
+        XsOp(WRITE, f"{vm}/uuid", _b(vm_uuid(domid))),
+        XsOp(WRITE, f"{vm}/name", _b(name)),
+        XsOp(WRITE, f"{home}/control/platform-feature-multiprocessor-suspend", b"1"),
+        XsOp(WRITE, f"{home}/control/platform-feature-xs_reset_watches", b"1"),
+        XsOp(WRITE, f"{libxl}/type", b"pv"),
+        XsOp(WRITE, f"{home}/domid", b"%d" % domid),
+    ]
+    return ops

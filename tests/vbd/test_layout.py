@@ -6,6 +6,7 @@ import pytest
 
 from kvpfs.vbd.diskspec import parse_disk_spec
 from kvpfs.vbd.layout import (
+    GUEST_WRITABLE,
     DevicePaths,
     XsOp,
     attach_ops,
@@ -17,6 +18,7 @@ from kvpfs.vbd.layout import (
     parse_xbdback_name,
     script_value,
     unsupported_reason,
+    vm_uuid,
     xbdback_name,
 )
 from kvpfs.vbd.states import XenbusState, parse_state, state_name
@@ -139,16 +141,35 @@ def test_paths_and_names() -> None:
 
 
 def test_cleanup_stops_at_domain_directories() -> None:
-    for stop in ("/", "/local", "/local/domain", "/local/domain/0", "/libxl", "/libxl/1"):
+    stops = ("/", "/local", "/local/domain", "/local/domain/0", "/libxl", "/libxl/1", "/libxl/1/device")
+    for stop in stops:
         assert cleanup_parents_stop(stop)
-    for go in ("/local/domain/0/backend", "/local/domain/1/device", "/libxl/1/device"):
+    for go in ("/local/domain/0/backend", "/local/domain/1/device", "/libxl/1/device/vbd"):
         assert not cleanup_parents_stop(go)
 
 
 def test_domain_creation() -> None:
-    ops = domain_creation_ops(1, "guest1")
-    assert XsOp("set_perms", "/local/domain/1", perms=("n0", "r1")) in ops
-    assert ops[-1] == XsOp("mkdir", "/libxl/1")
+    """libxl 4.17's libxl__domain_make for a PV guest, node for node."""
+    ops = domain_creation_ops(7, "web")
+    home, vm = "/local/domain/7", f"/vm/{vm_uuid(7)}"
+    made = [(op.op, op.path, op.value, op.perms) for op in ops]
+    assert made[:8] == [
+        ("mkdir", home, b"", ()), ("set_perms", home, b"", ("n0", "r7")),
+        ("mkdir", vm, b"", ()), ("set_perms", vm, b"", ("n0", "r7")),
+        ("mkdir", "/libxl/7", b"", ()), ("mkdir", "/libxl/7/device", b"", ()),
+        ("write", f"{home}/vm", vm.encode(), ()), ("write", f"{home}/name", b"web", ()),
+    ]
+    read_only = [p for o, p, _, perms in made if o == "set_perms" and perms == ("n0", "r7")]
+    assert read_only == [home, vm] + [f"{home}/{d}" for d in ("cpu", "memory", "device", "control")]
+    guest_owned = [p for o, p, _, perms in made if o == "set_perms" and perms == ("n7",)]
+    assert guest_owned == [f"{home}/{n}" for n in GUEST_WRITABLE]
+    assert {"data", "drivers", "feature", "attr", "error", "control/shutdown"} <= set(GUEST_WRITABLE)
+    assert made[-6:] == [
+        ("write", f"{vm}/uuid", vm_uuid(7).encode(), ()), ("write", f"{vm}/name", b"web", ()),
+        ("write", f"{home}/control/platform-feature-multiprocessor-suspend", b"1", ()),
+        ("write", f"{home}/control/platform-feature-xs_reset_watches", b"1", ()),
+        ("write", "/libxl/7/type", b"pv", ()), ("write", f"{home}/domid", b"7", ()),
+    ]
 
 
 def test_states() -> None:

@@ -105,19 +105,29 @@ def test_load_from_stdin_and_dump_to_stdout(tmp_path: Path) -> None:
 
 def test_extra_domains_laid_out_as_domain_creation(tmp_path: Path) -> None:
     sock = str(tmp_path / "xs.sock")
-    with xenstored("--socket", sock, "--domain", "3:web", "--domain", "4:db") as proc:
+    guest_sock = str(tmp_path / "dom3.sock")
+    with xenstored(
+        "--socket", sock, "--domain", "3:web", "--domain", "4:db", "--domain-socket", f"3:{guest_sock}"
+    ) as proc:
         assert ready_line(proc) == f"XENSTORED_PATH={sock}\n".encode()
+        assert ready_line(proc) == f"XENSTORED_DOMAIN_PATH_3={guest_sock}\n".encode()
         assert xs(sock, "xenstore-read", "/local/domain/3/name", "/local/domain/4/name") == b"web\ndb\n"
         assert xs(sock, "xenstore-read", "/local/domain/0/name") == b"Domain-0\n"
         assert xs(sock, "xenstore-read", "/local/domain/3/domid") == b"3\n"
         # The guest reads its home and owns what it must write, as libxl leaves it.
-        assert xs(sock, "xenstore-ls", "-f", "-p", "/local/domain/3") == (
-            b'/local/domain/3/name = "web"   (n0,r3)\n'
-            b'/local/domain/3/domid = "3"   (n0,r3)\n'
-            b'/local/domain/3/device = ""   (n0,r3)\n'
-            b'/local/domain/3/device/suspend = ""   (n0,r3)\n'
-            b'/local/domain/3/device/suspend/event-channel = ""   (n3)\n'
+        listing = xs(sock, "xenstore-ls", "-f", "-p", "/local/domain/3").decode()
+        assert '/local/domain/3/name = "web"   (n0,r3)' in listing
+        assert '/local/domain/3/data = ""   (n3)' in listing
+        assert '/local/domain/3/control/shutdown = ""   (n3)' in listing
+        # The guest's agent writes its data/ as on a real dom0, and may not write
+        # the name dom0 gave it.
+        assert xs(guest_sock, "xenstore-write", "data/agent-version", "1.0") == b""
+        assert xs(sock, "xenstore-read", "/local/domain/3/data/agent-version") == b"1.0\n"
+        refused = subprocess.run(
+            ["xenstore-write", "name", "evil"], env={**os.environ, "XENSTORED_PATH": guest_sock},
+            capture_output=True, check=False,
         )
+        assert refused.returncode != 0
         stop(proc)
 
 

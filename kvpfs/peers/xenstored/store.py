@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 
+from kvpfs.vbd.layout import MKDIR, SET_PERMS, WRITE, XsOp, dom0_ops, domain_creation_ops
 from kvpfs.xenstore.protocol import (
     DEFAULT_MAX_PATH_LEN,
     EMBEDDED_PROBE,
@@ -348,6 +349,17 @@ def _event_frame(payload: bytes) -> bytes:
     return _pack_header(_WATCH_EVENT, 0, 0, len(payload)) + payload
 
 
+def _layout_request(step: XsOp) -> tuple[int, bytes]:
+    """One :class:`kvpfs.vbd.layout.XsOp` as the request a toolstack sends."""
+    if step.op == WRITE:
+        return Op.WRITE, build_write(step.path, step.value)
+    if step.op == MKDIR:
+        return Op.MKDIR, build_path(step.path)
+    if step.op == SET_PERMS:
+        return Op.SET_PERMS, build_set_perms(step.path, step.perms)
+    return Op.RM, build_path(step.path)
+
+
 class Store:
     """The whole XenStore state of one daemon.
 
@@ -429,24 +441,11 @@ class Store:
         self._owned[0] = 3
 
     def _build_domains(self, domid: int, name: bytes) -> None:
+        # The same operations the toolstack and the simulated host apply over a
+        # socket (kvpfs.vbd.layout), so the initial tree and theirs cannot differ.
         conn = self.connect(0)
-        home = domain_path(domid)
-        guest = (Perm(Access.NONE, 0), Perm(Access.READ, domid))
-        channel = home + b"/device/suspend/event-channel"
-        steps: list[tuple[int, bytes]] = [
-            (Op.WRITE, build_write(b"/local/domain/0/name", b"Domain-0")),
-            (Op.WRITE, build_write(b"/local/domain/0/domid", b"0")),
-            (Op.MKDIR, build_path(home)),
-            (Op.SET_PERMS, build_set_perms(home, guest)),
-            (Op.WRITE, build_write(home + b"/name", name)),
-            (Op.WRITE, build_write(home + b"/domid", b"%d" % domid)),
-            (Op.MKDIR, build_path(home + b"/device")),
-            (Op.MKDIR, build_path(home + b"/device/suspend")),
-            (Op.WRITE, build_write(channel, b"")),
-            (Op.SET_PERMS, build_set_perms(channel, [Perm(Access.NONE, domid)])),
-            (Op.MKDIR, build_path(b"/libxl/%d" % domid)),
-        ]
-        for op, payload in steps:
+        for step in dom0_ops() + domain_creation_ops(domid, name.decode()):
+            op, payload = _layout_request(step)
             out = self.handle(conn, Message(op, 0, 0, payload))
             assert out[-1][1].type == op, out
         self.disconnect(conn)
