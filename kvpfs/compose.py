@@ -326,15 +326,12 @@ async def serve_mount(
                 )
                 drivers = SimulatedXen(plan.xenstored_path, create_domains=EMBEDDED_GUESTS)
                 await peers.start("the simulated Xen drivers", drivers.run)
-            try:
-                session = await nursery.start(
-                    functools.partial(serve, handle_signals=handle_signals),
-                    ops,
-                    config.mountpoint,
-                    options,
-                )
-            except RuntimeError as exc:
-                raise UsageError(f"mounting on {config.mountpoint} failed: {exc}") from None
+            session = await nursery.start(
+                functools.partial(serve, handle_signals=handle_signals),
+                ops,
+                config.mountpoint,
+                options,
+            )
             task_status.started(RunningMount(plan, session, xenstored, drivers))
             await session.done.wait()
         finally:

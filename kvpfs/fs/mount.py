@@ -123,7 +123,12 @@ async def serve(
                             raise
                         raise UsageError(f"{view.name}/ cannot start: {message}") from exc
                 await nursery.start(ops.invalidator.run)
-                pyfuse3.init(ops, mountpoint, set(options))
+                try:
+                    pyfuse3.init(ops, mountpoint, set(options))
+                except RuntimeError as exc:
+                    # libfuse has said why on stderr ("fuse: ..."); pyfuse3 says
+                    # only that it failed.
+                    raise UsageError(f"mounting on {mountpoint} failed: {exc}") from None
                 try:
                     if handle_signals:
                         nursery.start_soon(_handle_signals, session)

@@ -323,3 +323,20 @@ def test_systemd_unit_from_the_readme_runs(mnt: Path, tmp_path: Path) -> None:
             service.kill()
             service.wait()
     assert not mounted_at(str(mnt))
+
+
+def test_a_mount_the_kernel_refuses_is_one_line(pools: Pools, tmp_path: Path) -> None:
+    """In a user namespace without a mount namespace, libfuse cannot mount."""
+    mnt = tmp_path / "refused"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["unshare", "-U", "-r", *KVPFS, str(mnt), "--kvp-dir", str(pools.directory), "--xenstore", "off"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    if done.returncode == 0:  # pragma: no cover - a kernel that allows it
+        force_unmount(str(mnt))
+        pytest.skip("this kernel lets an unprivileged user namespace mount FUSE")
+    ours = [line for line in done.stderr.splitlines() if line.startswith("kvpfs: ")]
+    assert ours == [f"kvpfs: mounting on {mnt} failed: fuse_session_mount failed"], done.stderr
+    assert "Traceback" not in done.stderr and "ExceptionGroup" not in done.stderr
+    assert not mounted_at(str(mnt))
