@@ -50,6 +50,7 @@ from kvpfs.vbd.layout import (
 )
 from kvpfs.vbd.states import XenbusState, parse_state, state_name
 from kvpfs.xenstore.client import Transaction, WatchGap, XenStoreClient, XenStoreError
+from kvpfs.xenstore.errnos import fs_errno
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Toolstack:
         try:
             return await self.client.run_in_transaction(fn, retries=self.retries)
         except XenStoreError as exc:
-            raise VbdError(exc.errno or errno.EIO, f"xenstore: {exc.strerror or exc}") from None
+            raise VbdError(fs_errno(exc.errno), f"xenstore: {exc.strerror or exc}") from None
 
     async def resolve_domain(self, text: str) -> int:
         """A domain id from a number or a name (``/local/domain/*/name``)."""
@@ -151,7 +152,7 @@ class Toolstack:
                     return int(entry)
         except XenStoreError as exc:
             if exc.errno != errno.ENOENT:
-                raise VbdError(exc.errno or errno.EIO, f"xenstore: {exc.strerror}") from None
+                raise VbdError(fs_errno(exc.errno), f"xenstore: {exc.strerror}") from None
         raise VbdError(errno.ENOENT, f"no domain named {text!r}")
 
     async def _read(self, path: str) -> bytes | None:
@@ -231,7 +232,7 @@ class Toolstack:
         elif isinstance(exc, VbdError):
             error = exc
         elif isinstance(exc, XenStoreError):
-            error = VbdError(exc.errno or errno.EIO, f"xenstore: {exc.strerror or exc}")
+            error = VbdError(fs_errno(exc.errno), f"xenstore: {exc.strerror or exc}")
         else:
             error = None
         with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT):
