@@ -932,7 +932,7 @@ if pid:
 C = {"fork, child runs": time.monotonic_ns()}
 os.close(r)
 os.setsid()
-cli._setup_logging(config)
+cli._setup_logging(config, None, background=True)
 import functools, json
 import trio, pyfuse3
 from kvpfs.compose import plan_mount, serve_mount
