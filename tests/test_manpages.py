@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+import kvpfs
 from kvpfs.manpages import PAGES, Page, option_names, read_help
 
-MAN = Path(__file__).resolve().parents[1] / "kvpfs" / "man"
+#: The pages as the package ships them (a checkout's or an installed copy).
+MAN = Path(kvpfs.__file__).resolve().parent / "man"
 
 pytestmark = pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
 
@@ -62,3 +64,21 @@ def test_man_reads_it(page: Page) -> None:
     for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "SEE ALSO"):
         assert f"\n{heading}\n" in done.stdout
     assert page.summary.split()[0] in done.stdout
+
+
+def test_man_finds_the_pages_in_the_environment_kvpfs_is_installed_in() -> None:
+    """pip puts the pages in <prefix>/share/man, where man(1) looks for a bin/ on PATH."""
+    installed = Path(sys.prefix) / "share" / "man" / "man1" / "kvpfs.1"
+    if not installed.exists():
+        pytest.skip("kvpfs is an editable checkout here; scripts/test checks an installed wheel")
+    if shutil.which("man") is None:
+        pytest.skip("man is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "MANPATH"}
+    env["PATH"] = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    found = subprocess.run(["man", "-w", "kvpfs"], env=env, capture_output=True, text=True, check=True)
+    assert Path(found.stdout.strip()).resolve() == installed.resolve()
+    page = subprocess.run(
+        ["man", "kvpfs-xenstored"], env={**env, "MANPAGER": "cat", "MANWIDTH": "80"},
+        capture_output=True, text=True, check=True,
+    )
+    assert "embedded xenstored, compatible with cxenstored 4.17" in " ".join(page.stdout.split())
