@@ -218,6 +218,7 @@ def build_views(config: MountConfig, plan: MountPlan) -> list[View]:
             all_writable=config.kvp_all_writable,
             read_only=config.read_only,
             limits="format" if config.kvp_limits == "format" else "host",
+            lock_timeout=config.timeout,
         )
     ]
     views.append(InfoView(plan.facts()))

@@ -13,10 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from kvpfs.compose import MountPlan, XenSource, build_views
-from kvpfs.config import MountConfig
-from kvpfs.kvp.location import PoolDir, PoolDirKind
-from kvpfs.kvp.view import KvpView
 from tests.kvp.helpers import lock_held
 from tests.mount.cli_support import run
 from tests.mount.kvp_fixtures import Pools, rec
@@ -27,20 +23,6 @@ pytestmark = [pytest.mark.mount, pytest.mark.usefixtures("private_runtime_dir")]
 TIMEOUT = 1.5
 
 
-def _mount_passes_timeout() -> bool:
-    """Whether the mount hands ``timeout=S`` to the KVP view as its lock timeout."""
-    config = MountConfig("/nonexistent", timeout=7.25)
-    plan = MountPlan(PoolDir("/nonexistent", PoolDirKind.EXPLICIT), XenSource.OFF, None, False)
-    views = build_views(config, plan)
-    kvp = next(v for v in views if isinstance(v, KvpView))
-    return kvp.pool("guest").lock_timeout == 7.25
-
-
-@pytest.mark.xfail(
-    not _mount_passes_timeout(),
-    reason="kvpfs/compose.py build_views does not pass lock_timeout=config.timeout to KvpView",
-    run=False,  # it would wait the default 10 s twice; it runs once the mount passes it
-)
 @pytest.mark.parametrize("kind", ["posix", "flock"])
 def test_a_write_behind_a_held_lock_is_eio_after_timeout(
     mnt: Path, pools: Pools, kind: str
